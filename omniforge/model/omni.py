@@ -1,0 +1,202 @@
+"""OmniModel: pretrained encoders and a causal LM composed into one omni-modal model.
+
+    image tiles / video frames -> VisionEncoder -> vision_adapter --+
+    log-mel windows            -> AudioEncoder  -> audio_adapter  --+-> scattered into the
+    text tokens                -> LLM token embeddings -------------+   placeholder positions -> LLM
+
+Parts are injected (`OmniModel(config, llm, tokenizer, vision=..., audio=...)`), or built
+from local Hugging Face folders with `OmniModel.from_config`, or reloaded from an omniforge
+checkpoint with `OmniModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omniforge.config import OmniConfig, load_config, save_config
+from omniforge.errors import CheckpointError, PlaceholderCountError
+from omniforge.model.audio import AudioEncoder
+from omniforge.model.loading import load_llm
+from omniforge.model.projector import MLPAdapter
+from omniforge.model.tokenizer import load_tokenizer
+from omniforge.model.vision import VisionEncoder
+
+CONFIG_FILE = "config.yaml"
+ADAPTERS_FILE = "adapters.safetensors"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+class OmniModel(nn.Module):
+    """An LLM that reads images, video and audio through encoders and adapters.
+
+    Components (each its own trainable unit): `vision` (tower + pooling), `vision_adapter`,
+    `audio` (Whisper encoder + frame stacking), `audio_adapter`, `llm`.
+    """
+
+    def __init__(self, config: OmniConfig, llm: nn.Module, tokenizer,
+                 vision: VisionEncoder | None = None, audio: AudioEncoder | None = None,
+                 vision_adapter: nn.Module | None = None, audio_adapter: nn.Module | None = None):
+        super().__init__()
+        self.config, self.llm, self.tokenizer = config, llm, tokenizer
+        if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(len(tokenizer))
+        hidden = llm.get_input_embeddings().embedding_dim
+        dtype = llm.get_input_embeddings().weight.dtype
+        self.vision, self.audio = vision, audio
+        self.vision_adapter = _adapter(vision, vision_adapter, config.vision_adapter, hidden, dtype)
+        self.audio_adapter = _adapter(audio, audio_adapter, config.audio_adapter, hidden, dtype)
+        vocab = tokenizer.get_vocab()
+        self.token_ids = {name: vocab[getattr(config.tokens, name)]
+                          for name in ("image", "video", "audio", "state_text", "state_speech", "state_background")}
+
+    # ------------------------------------------------------------------ building and saving
+
+    @classmethod
+    def from_config(cls, config: OmniConfig) -> "OmniModel":
+        """Build every part from its local Hugging Face folder (or randomly, from `arch`)."""
+        dtype = getattr(torch, config.llm.dtype)
+        tokenizer = load_tokenizer(config.llm, config.tokens)
+        llm = load_llm(config.llm.path, config.llm.arch, dtype)
+        vision = VisionEncoder.from_config(config.vision, dtype) if config.vision else None
+        audio = AudioEncoder.from_config(config.audio, dtype) if config.audio else None
+        return cls(config, llm, tokenizer, vision=vision, audio=audio)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, overrides: list[str] = ()) -> "OmniModel":
+        """Reload a folder written by `save_pretrained` (weights, config and tokenizer)."""
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{folder}: not an omniforge checkpoint (no {CONFIG_FILE})")
+        config = load_config(folder / CONFIG_FILE, overrides)
+        config = _with_part_folders(config, folder)
+        model = cls.from_config(config)
+        from safetensors.torch import load_file
+
+        adapters = load_file(folder / ADAPTERS_FILE) if (folder / ADAPTERS_FILE).is_file() else {}
+        expected = {k for k in model.state_dict() if k.split(".")[0].endswith("_adapter")}
+        if set(adapters) != expected:
+            raise CheckpointError(f"{folder / ADAPTERS_FILE}: holds {sorted(adapters)[:4]}..., "
+                                  f"the configured model expects {sorted(expected)[:4]}...")
+        model.load_state_dict(adapters, strict=False)
+        return model
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write weights (safetensors, one HF folder per part), config and tokenizer, atomically.
+
+        The folder appears whole or not at all: everything is written beside it, then renamed.
+        `llm/` is a plain Hugging Face causal-LM folder (with the extended tokenizer).
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.llm.save_pretrained(tmp / "llm")
+        self.tokenizer.save_pretrained(tmp / "llm")
+        for name, module, part in (("vision", self.vision, self.config.vision), ("audio", self.audio, self.config.audio)):
+            if module is None:
+                continue
+            tower = module.tower if name == "vision" else module.encoder
+            tower.save_pretrained(tmp / name)
+            if part.path and (Path(part.path) / PREPROCESSOR_FILE).is_file():
+                shutil.copy(Path(part.path) / PREPROCESSOR_FILE, tmp / name / PREPROCESSOR_FILE)
+        adapters = {k: v.contiguous() for k, v in self.state_dict().items() if k.split(".")[0].endswith("_adapter")}
+        save_file(adapters, tmp / ADAPTERS_FILE)
+        save_config(_with_part_folders(self.config, None), tmp / CONFIG_FILE)
+        _replace_dir(tmp, folder)
+
+    # ------------------------------------------------------------------ forward
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              pixel_values_videos: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
+              audio_valid_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with every placeholder replaced by its encoder feature.
+
+        input_ids: (B, L) with placeholders already expanded to the feature counts.
+        pixel_values: (image tiles, 3, T, T); pixel_values_videos: (frames, 3, T, T), each in
+        placeholder order over the flattened batch. audio_features: (windows, n_mels, frames)
+        with audio_valid_frames: (windows,). Returns (B, L, H).
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        image, video = self._vision_features(pixel_values, pixel_values_videos)
+        audio = None
+        if audio_features is not None:
+            if self.audio is None:
+                raise ValueError("audio_features given but the model has no audio tower (config.audio is null)")
+            if audio_valid_frames is None:
+                raise ValueError("audio_features needs audio_valid_frames: (windows,) valid mel frames per window")
+            audio = self.audio_adapter(self.audio(audio_features.to(embeds.dtype), audio_valid_frames))
+        for modality, features in (("image", image), ("video", video), ("audio", audio)):
+            embeds = self._scatter(embeds, input_ids, modality, features)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **media):
+        """Logits (B, L, V) and, given labels (B, L; -100 = no loss), the next-token loss.
+
+        media: the keyword arguments of `embed`. Returns the LLM's `CausalLMOutputWithPast`.
+        """
+        embeds = self.embed(input_ids, **media)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        labels=labels, use_cache=False)
+
+    def _vision_features(self, pixel_values, pixel_values_videos):
+        """Images and video frames go through the tower in one call, then split again."""
+        batches = [p for p in (pixel_values, pixel_values_videos) if p is not None]
+        if not batches:
+            return None, None
+        if self.vision is None:
+            raise ValueError("pixel values given but the model has no vision tower (config.vision is null)")
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        features = self.vision_adapter(self.vision(torch.cat(batches).to(dtype)))  # (tiles, tokens, H)
+        n_images = 0 if pixel_values is None else len(pixel_values)
+        image = features[:n_images].flatten(0, 1) if pixel_values is not None else None
+        video = features[n_images:].flatten(0, 1) if pixel_values_videos is not None else None
+        return image, video
+
+    def _scatter(self, embeds, input_ids, modality: str, features: torch.Tensor | None):
+        mask = input_ids == self.token_ids[modality]
+        placeholders = int(mask.sum())
+        produced = 0 if features is None else features.shape[0]
+        if placeholders != produced:
+            raise PlaceholderCountError(modality, expected=produced, got=placeholders)
+        if not produced:
+            return embeds
+        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+
+def _adapter(encoder, adapter, config, hidden, dtype):
+    if encoder is None or adapter is not None:
+        return adapter
+    return MLPAdapter(encoder.hidden_size, hidden, config.num_layers, config.hidden_size).to(dtype)
+
+
+def _with_part_folders(config: OmniConfig, folder: Path | None) -> OmniConfig:
+    """The config with each part pointing at its subfolder of a checkpoint (relative when None)."""
+    def at(name: str) -> str:
+        return name if folder is None else str(folder / name)
+
+    llm = replace(config.llm, path=at("llm"), arch=None, tokenizer=None)
+    vision = config.vision and replace(config.vision, path=at("vision"), arch=None)
+    audio = config.audio and replace(config.audio, path=at("audio"), arch=None)
+    return replace(config, llm=llm, vision=vision, audio=audio)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing an existing folder with one rename each."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
