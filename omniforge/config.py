@@ -264,7 +264,8 @@ def _exactly_one_source(part: Any, key: str) -> None:
     _check((part.path is None) != (part.arch is None), key,
            "set exactly one of `path` (pretrained folder) or `arch` (random init)")
     if part.arch is not None:
-        _check("model_type" in part.arch, f"{key}.arch.model_type", "is required (e.g. qwen2, siglip_vision_model)")
+        _check(isinstance(part.arch.get("model_type"), str), f"{key}.arch.model_type",
+               "is required (a string such as qwen2, llama, siglip_vision_model, whisper)")
 
 
 def _deep_copy(data: Any) -> Any:

@@ -1,0 +1,185 @@
+"""Decoding with a KV cache: greedy or sampled, streamed, with stop tokens and stop strings.
+
+    for deltas in stream(model, input_ids, attention_mask, config=GenerationConfig(...)):
+        print(deltas[0], end="")          # the text each sequence gained this step
+
+`generate` runs the same loop to completion and returns one `Completion` per sequence.
+Batches are left-padded (attention_mask 0 on the left); positions count real tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from omniforge.model.omni import OmniModel
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick each next token and when to stop."""
+
+    max_new_tokens: int = 256
+    """Most tokens generated per sequence."""
+    temperature: float = 0.0
+    """Softmax temperature; 0 picks the most likely token (greedy)."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Sample only among the most likely tokens whose probabilities sum to p (nucleus)."""
+    repetition_penalty: float = 1.0
+    """>1 makes tokens already in the sequence less likely (CTRL-style: logit / p or * p)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a sequence; the text returned stops before them."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a sequence, besides the tokenizer's end-of-sequence token."""
+    seed: int | None = None
+    """Seed of the sampler's own random generator (None: torch's global one)."""
+    use_cache: bool = True
+    """Reuse keys/values of earlier positions; False recomputes the whole sequence each step."""
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    """"stop" (stop token or string) or "length" (max_new_tokens reached)."""
+
+
+@torch.no_grad()
+def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+           config: GenerationConfig | None = None, completions: list[Completion] | None = None,
+           **media) -> Iterator[list[str]]:
+    """Yield, after every decoding step, the new text of each sequence ("" when none).
+
+    input_ids: (B, L) left-padded, placeholders expanded; media: as for `OmniModel.embed`.
+    Pass a list as `completions` to receive the final `Completion`s when the stream ends.
+    """
+    config = config or GenerationConfig()
+    tokenizer = model.tokenizer
+    batch = input_ids.shape[0]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
+    stop_ids = torch.tensor(sorted({tokenizer.eos_token_id, *config.stop_token_ids} - {None}), dtype=torch.long)
+    rng = None if config.seed is None else torch.Generator().manual_seed(config.seed)
+    texts = [_TextState(config.stop) for _ in range(batch)]
+    generated = torch.empty(batch, 0, dtype=torch.long)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    reasons = ["length"] * batch
+    seen = input_ids.masked_fill(mask == 0, -1)  # tokens the repetition penalty counts
+
+    prompt_embeds = model.embed(input_ids, **media)
+    llm, embed_tokens = model.llm, model.llm.get_input_embeddings()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = llm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=positions, use_cache=config.use_cache)
+    for _ in range(config.max_new_tokens):
+        logits = out.logits[:, -1].float()
+        token = sample(logits, seen, config, rng)
+        token = torch.where(finished, torch.full_like(token, tokenizer.pad_token_id), token)
+        generated = torch.cat([generated, token[:, None]], dim=1)
+        seen = torch.cat([seen, token[:, None]], dim=1)
+        hit_stop_token = torch.isin(token, stop_ids) & ~finished
+        deltas = []
+        for i in range(batch):
+            if finished[i]:
+                deltas.append("")
+                continue
+            ids = generated[i].tolist()
+            delta, hit_string = texts[i].update(tokenizer, ids[:-1] if hit_stop_token[i] else ids,
+                                                final=bool(hit_stop_token[i]))
+            deltas.append(delta)
+            if hit_stop_token[i] or hit_string:
+                finished[i] = True
+                reasons[i] = "stop"
+        yield deltas
+        if finished.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        if config.use_cache:
+            out = llm(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                      past_key_values=out.past_key_values, use_cache=True)
+        else:
+            full = torch.cat([prompt_embeds, embed_tokens(generated)], dim=1)
+            out = llm(inputs_embeds=full, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                      use_cache=False)
+    else:  # out of budget: release text held back as a possible start of a stop string
+        yield ["" if finished[i] else texts[i].update(tokenizer, generated[i].tolist(), final=True)[0]
+               for i in range(batch)]
+    if completions is not None:
+        for i in range(batch):
+            ids = generated[i].tolist()
+            keep = texts[i].token_count if reasons[i] == "stop" else len(ids)
+            completions.append(Completion(texts[i].emitted, ids[:keep], reasons[i]))
+
+
+def generate(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             config: GenerationConfig | None = None, **media) -> list[Completion]:
+    """Decode every sequence to the end; one `Completion` per row of `input_ids`."""
+    completions: list[Completion] = []
+    for _ in stream(model, input_ids, attention_mask, config, completions, **media):
+        pass
+    return completions
+
+
+def sample(logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig,
+           rng: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token of each row. logits: (B, V); seen: (B, S) earlier ids, -1 = none."""
+    if config.repetition_penalty != 1.0:
+        counts = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, seen.clamp(min=0), (seen >= 0).long())
+        penalised = torch.where(logits > 0, logits / config.repetition_penalty, logits * config.repetition_penalty)
+        logits = torch.where(counts > 0, penalised, logits)
+    if config.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / config.temperature
+    if config.top_k > 0:
+        kth = logits.topk(min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= config.top_p  # keeps the token crossing p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(1)
+
+
+class _TextState:
+    """Incremental detokenisation of one sequence, holding back what may start a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.emitted = ""
+        self.token_count = 0
+
+    def update(self, tokenizer, ids: list[int], final: bool) -> tuple[str, bool]:
+        """Decode `ids` (all generated so far); return (new text to show, stop string hit).
+
+        final: the sequence ends here, so nothing is held back.
+        """
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        self.token_count = len(ids)
+        if text.endswith("\ufffd") and not final:  # a multi-byte character is still incomplete
+            return "", False
+        for stop in self.stops:
+            at = text.find(stop, max(0, len(self.emitted) - len(stop)))
+            if at != -1:
+                return self._emit(text[:at]), True
+        if final:
+            return self._emit(text), False
+        safe = len(text) - max((_overlap(text, s) for s in self.stops), default=0)
+        return self._emit(text[:safe]), False
+
+    def _emit(self, text: str) -> str:
+        delta = text[len(self.emitted):]
+        self.emitted = text
+        return delta
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `stop`."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from conftest import make_batch
+from omniforge.model.generate import GenerationConfig, generate, sample, stream
+
+PROMPTS = [
+    {"text": "<|im_start|>user\nDescribe <image><|im_end|>\n<|im_start|>assistant\n", "tiles": [1]},
+    {"text": "<|im_start|>user\nWhat is said? <audio> And here? <audio><|im_end|>\n<|im_start|>assistant\n",
+     "audio": [8_000, 50_000]},
+    {"text": "<|im_start|>user\nHello there, how are you today?<|im_end|>\n<|im_start|>assistant\n"},
+]
+
+
+def inputs(model, prompts=PROMPTS):
+    batch = make_batch(model, prompts, padding_side="left")
+    batch.pop("labels")
+    return batch
+
+
+def run(model, batch, **config):
+    return generate(model, config=GenerationConfig(**config), **batch)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "top_p": 0.8, "top_k": 40, "seed": 3}])
+def test_cached_and_uncached_decoding_give_the_same_tokens(omni_model, sampling):
+    batch = inputs(omni_model)
+    cached = run(omni_model, batch, max_new_tokens=12, use_cache=True, **sampling)
+    uncached = run(omni_model, batch, max_new_tokens=12, use_cache=False, **sampling)
+    assert cached == uncached
+    assert all(len(c.token_ids) == 12 or c.finish_reason == "stop" for c in cached)
+
+
+def test_left_padded_batch_equals_one_sequence_at_a_time(omni_model):
+    together = run(omni_model, inputs(omni_model), max_new_tokens=8)
+    alone = [run(omni_model, inputs(omni_model, [p]), max_new_tokens=8)[0] for p in PROMPTS]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+
+
+def test_streamed_deltas_add_up_to_the_completion(omni_model):
+    batch = inputs(omni_model)
+    completions, pieces = [], [""] * 3
+    steps = 0
+    for deltas in stream(omni_model, config=GenerationConfig(max_new_tokens=10, temperature=1.0, seed=0),
+                         completions=completions, **batch):
+        steps += 1
+        pieces = [p + d for p, d in zip(pieces, deltas)]
+    assert steps >= 10
+    assert pieces == [c.text for c in completions]
+    assert [c.text for c in completions] == [omni_model.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                                             for c in completions]
+
+
+def test_stop_token_ends_a_sequence_and_is_not_returned(omni_model):
+    batch = inputs(omni_model, PROMPTS[2:])
+    free = run(omni_model, batch, max_new_tokens=8)[0]
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    stopped = run(omni_model, batch, max_new_tokens=8, stop_token_ids=[stop_at])[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:first]
+
+
+def test_stop_string_truncates_text_and_never_streams_it(omni_model):
+    batch = inputs(omni_model, PROMPTS[2:])
+    free = run(omni_model, batch, max_new_tokens=10, temperature=1.0, seed=5)[0]
+    stop = free.text[4:6]
+    completions, streamed = [], ""
+    for deltas in stream(omni_model, config=GenerationConfig(max_new_tokens=10, temperature=1.0, seed=5, stop=[stop]),
+                         completions=completions, **batch):
+        streamed += deltas[0]
+    assert completions[0].finish_reason == "stop"
+    assert completions[0].text == free.text[: free.text.index(stop)] == streamed
+
+
+def test_seeded_sampling_is_reproducible_and_differs_by_seed(omni_model):
+    batch = inputs(omni_model)
+    a = run(omni_model, batch, max_new_tokens=10, temperature=1.5, seed=1)
+    b = run(omni_model, batch, max_new_tokens=10, temperature=1.5, seed=1)
+    c = run(omni_model, batch, max_new_tokens=10, temperature=1.5, seed=2)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b] != [x.token_ids for x in c]
+
+
+def test_top_k_1_is_greedy(omni_model):
+    batch = inputs(omni_model)
+    greedy = run(omni_model, batch, max_new_tokens=6)
+    top1 = run(omni_model, batch, max_new_tokens=6, temperature=1.0, top_k=1, seed=0)
+    assert [x.token_ids for x in greedy] == [x.token_ids for x in top1]
+
+
+def test_sampler_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    none = torch.empty(1, 0, dtype=torch.long)
+    rng = torch.Generator().manual_seed(0)
+    picks = {int(sample(logits, none, GenerationConfig(temperature=1.0, top_k=2), rng)) for _ in range(200)}
+    assert picks == {0, 1}
+    # p(0)=0.64, p(1)=0.24: top_p=0.7 keeps the token that crosses 0.7, and no more
+    picks = {int(sample(logits, none, GenerationConfig(temperature=1.0, top_p=0.7), rng)) for _ in range(200)}
+    assert picks == {0, 1}
+    picks = {int(sample(logits, none, GenerationConfig(temperature=1.0, top_p=0.5), rng)) for _ in range(50)}
+    assert picks == {0}
+
+
+def test_repetition_penalty_pushes_seen_tokens_down():
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    seen = torch.tensor([[0, 0, -1]])  # token 0 seen twice, then padding
+    assert int(sample(logits, seen, GenerationConfig())) == 0
+    assert int(sample(logits, seen, GenerationConfig(repetition_penalty=1.2))) == 1
+    negative = torch.tensor([[-1.0, -1.1]])  # a negative logit is multiplied, so it drops further
+    assert int(sample(negative, torch.tensor([[0]]), GenerationConfig(repetition_penalty=1.5))) == 1

@@ -1,0 +1,253 @@
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import make_batch, omni_config
+from omniforge.config import VisionConfig, load_config
+from omniforge.errors import CheckpointError, ConfigError, PlaceholderCountError
+from omniforge.model.omni import OmniModel
+from omniforge.model.vision import VisionEncoder
+from omniforge.processing.counts import AudioGeometry, tokens_per_tile
+
+MIXED = [
+    {"text": "Describe <image> please.", "tiles": [1]},
+    {"text": "What is said? <audio>", "audio": [16_000]},
+    {"text": "Compare <image> with what you hear: <audio>", "tiles": [2], "audio": [40_000]},
+    {"text": "Just text, nothing else."},
+    {"text": "Video <video> and image <image>", "frames": [3], "tiles": [1]},
+]
+
+
+# --------------------------------------------------------------------------- token counts
+
+@pytest.mark.parametrize("tile, patch, pool, expected", [
+    (448, 14, 2, 256), (448, 14, 1, 1024), (384, 14, 2, 196), (224, 14, 2, 64), (72, 8, 2, 25), (64, 8, 4, 4),
+])
+def test_tokens_per_tile_formula(tile, patch, pool, expected):
+    assert tokens_per_tile(tile, patch, pool) == expected
+
+
+def test_audio_token_formula_and_windows():
+    whisper = AudioGeometry(window_frames=3000, stack=4)  # whisper-large-v3 at 12.5 tokens/s
+    assert whisper.tokens(30 * 16_000) == 375
+    assert whisper.window_lengths(45 * 16_000) == [3000, 1500]  # nothing beyond 30 s is dropped
+    assert whisper.tokens(45 * 16_000) == 375 + 188
+    assert whisper.tokens(16_000) == 13  # 100 frames -> 50 encoder frames -> ceil(12.5)
+    assert AudioGeometry(window_frames=3000, stack=2).tokens(2 * 16_000) == 50  # VITA: 25 tokens / 2 s (at 25/s)
+
+
+@pytest.mark.parametrize("tile_size, pool", [(32, 2), (48, 2), (64, 1), (40, 3)])
+def test_vision_encoder_output_matches_formula(hf_parts, tile_size, pool):
+    encoder = VisionEncoder.from_config(VisionConfig(path=str(hf_parts / "siglip"), tile_size=tile_size, pool=pool),
+                                        torch.float32)
+    out = encoder(torch.randn(3, 3, tile_size, tile_size))
+    assert out.shape == (3, tokens_per_tile(tile_size, 8, pool), 32)
+    assert encoder.interpolate == (tile_size != 32)  # position embeddings interpolated off the native size
+
+
+@pytest.mark.parametrize("seconds", [0.3, 1.0, 2.0, 2.5, 4.7])
+def test_audio_encoder_output_matches_formula(omni_model, seconds):
+    geometry = omni_model.audio.geometry  # 2-s windows in the tiny Whisper
+    samples = int(seconds * 16_000)
+    valid = torch.tensor(geometry.window_lengths(samples))
+    features = torch.randn(len(valid), 80, geometry.window_frames)
+    assert omni_model.audio(features, valid).shape == (geometry.tokens(samples), 32 * geometry.stack)
+
+
+# --------------------------------------------------------------------------- loading
+
+@pytest.mark.parametrize("llm, vision, audio", [
+    ("qwen2", "siglip", "whisper"), ("llama", "clip", "whisper128"), ("qwen2", None, "whisper"), ("llama", "clip", None),
+])
+def test_loads_every_supported_part_from_hf_folders(hf_parts, llm, vision, audio):
+    model = OmniModel.from_config(omni_config(hf_parts, llm=llm, vision=vision, audio=audio))
+    assert model.llm.config.model_type == llm
+    assert (model.vision is None) == (vision is None) and (model.audio is None) == (audio is None)
+    if audio:
+        assert model.audio.num_mel_bins == (128 if audio == "whisper128" else 80)
+
+
+def test_tower_weights_come_from_the_checkpoint(hf_parts):
+    from safetensors.torch import load_file
+
+    model = OmniModel.from_config(omni_config(hf_parts))
+    siglip = load_file(hf_parts / "siglip" / "model.safetensors")
+    whisper = load_file(hf_parts / "whisper" / "model.safetensors")
+    key = "encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.vision.tower.state_dict()[key], siglip["vision_model." + key])  # not text_model.
+    assert torch.equal(model.audio.encoder.conv1.weight, whisper["model.encoder.conv1.weight"])
+
+
+def test_tokenizer_gains_placeholder_and_state_tokens(omni_model):
+    vocab = omni_model.tokenizer.get_vocab()
+    for token in omni_model.config.tokens.all():
+        assert token in vocab
+        assert len(omni_model.tokenizer(token, add_special_tokens=False).input_ids) == 1
+    assert omni_model.llm.get_input_embeddings().num_embeddings >= len(omni_model.tokenizer)
+
+
+def test_text_only_logits_equal_the_bare_llm(hf_parts, omni_model):
+    from transformers import AutoModelForCausalLM
+
+    bare = AutoModelForCausalLM.from_pretrained(hf_parts / "qwen2").eval()
+    ids = omni_model.tokenizer(["The red square is left of the circle."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = omni_model(ids).logits
+        theirs = bare(ids).logits
+    vocab = theirs.shape[-1]
+    torch.testing.assert_close(ours[..., :vocab], theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("key, path, message", [
+    ("llm", "/nonexistent/qwen", "llm.path: /nonexistent/qwen is not a folder"),
+    ("vision", "EMPTY", "vision.path: .* has no config.json"),
+])
+def test_missing_folders_name_the_key(hf_parts, tmp_path, key, path, message):
+    config = omni_config(hf_parts)
+    path = str(tmp_path) if path == "EMPTY" else path
+    config = replace(config, **{key: replace(getattr(config, key), path=path)})
+    with pytest.raises(ConfigError, match=message):
+        OmniModel.from_config(config)
+
+
+def test_wrong_kind_of_checkpoint_is_refused(hf_parts):
+    config = omni_config(hf_parts)
+    config = replace(config, audio=replace(config.audio, path=str(hf_parts / "qwen2")))
+    with pytest.raises(ConfigError, match="audio: expected a Whisper model"):
+        OmniModel.from_config(config)
+
+
+def test_offline_mode_is_enforced():
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+
+
+# --------------------------------------------------------------------------- placeholders
+
+def test_placeholder_count_mismatch_names_modality_expected_and_got(omni_model):
+    batch = make_batch(omni_model, [{"text": "Look: <image>", "tiles": [2]}])
+    batch["pixel_values"] = batch["pixel_values"][:1]  # one tile fewer than the text expects
+    with pytest.raises(PlaceholderCountError) as err:
+        omni_model(**batch)
+    per_tile = omni_model.vision.tokens_per_tile
+    assert (err.value.modality, err.value.expected, err.value.got) == ("image", per_tile, 2 * per_tile)
+    assert f"image: the encoders produced {per_tile} feature vectors but the text holds {2 * per_tile}" in str(err.value)
+
+
+def test_media_without_placeholders_is_refused(omni_model):
+    batch = make_batch(omni_model, [{"text": "What is said? <audio>", "audio": [16_000]}])
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == omni_model.token_ids["audio"], 65)
+    with pytest.raises(PlaceholderCountError, match="audio: the encoders produced 13 feature vectors but the text holds 0"):
+        omni_model(**batch)
+
+
+def test_features_land_exactly_at_placeholder_positions(omni_model):
+    batch = make_batch(omni_model, [MIXED[2]])
+    media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        embeds = omni_model.embed(batch["input_ids"], **media)
+        image = omni_model.vision_adapter(omni_model.vision(batch["pixel_values"])).flatten(0, 1)
+        audio = omni_model.audio_adapter(omni_model.audio(batch["audio_features"], batch["audio_valid_frames"]))
+        text = omni_model.llm.get_input_embeddings()(batch["input_ids"])
+    ids = batch["input_ids"]
+    torch.testing.assert_close(embeds[ids == omni_model.token_ids["image"]], image)
+    torch.testing.assert_close(embeds[ids == omni_model.token_ids["audio"]], audio)
+    plain = (ids != omni_model.token_ids["image"]) & (ids != omni_model.token_ids["audio"])
+    torch.testing.assert_close(embeds[plain], text[plain])
+
+
+# --------------------------------------------------------------------------- training step
+
+@pytest.mark.parametrize("samples", [
+    [MIXED[0]], [MIXED[1]], [MIXED[2]], [MIXED[3]], [MIXED[4]], MIXED,
+], ids=["image-only", "audio-only", "image+audio", "text-only", "video+image", "mixed"])
+def test_forward_backward_reaches_every_used_component(hf_parts, samples):
+    torch.manual_seed(0)
+    model = OmniModel.from_config(omni_config(hf_parts)).train()
+    batch = make_batch(model, samples)
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    has = {k: any(k in s["text"] for s in samples) for k in ("<image>", "<video>", "<audio>")}
+    uses_vision, uses_audio = has["<image>"] or has["<video>"], has["<audio>"]
+
+    def got_grad(module):
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    assert got_grad(model.llm)
+    assert got_grad(model.vision) == uses_vision and got_grad(model.vision_adapter) == uses_vision
+    assert got_grad(model.audio) == uses_audio and got_grad(model.audio_adapter) == uses_audio
+
+
+def test_loss_only_on_labelled_tokens(omni_model):
+    batch = make_batch(omni_model, [MIXED[3]])
+    labels = batch["labels"].clone()
+    labels[:, :10] = -100
+    changed = batch["input_ids"].clone()
+    changed[:, 1:5] = 66  # tokens whose next-token targets are unlabelled ...
+    with torch.no_grad():
+        a = omni_model(batch["input_ids"], labels=labels).loss
+        b = omni_model(changed, labels=labels).loss
+    assert not torch.isclose(a, b)  # ... still shape the context of later, labelled ones
+    labels[:] = -100
+    labels[:, -3:] = batch["input_ids"][:, -3:]
+    with torch.no_grad():
+        logits = omni_model(batch["input_ids"]).logits[0]
+        loss = omni_model(batch["input_ids"], labels=labels).loss
+    expected = torch.nn.functional.cross_entropy(logits[-4:-1], batch["input_ids"][0, -3:])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_padding_does_not_change_a_sequence(omni_model):
+    alone = make_batch(omni_model, [MIXED[0]])
+    padded = make_batch(omni_model, [MIXED[0], {"text": MIXED[3]["text"] * 3}])
+    with torch.no_grad():
+        a = omni_model(**{k: v for k, v in alone.items() if k != "labels"}).logits[0]
+        b = omni_model(**{k: v for k, v in padded.items() if k != "labels"}).logits[0, : a.shape[0]]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- save / load
+
+def test_save_load_round_trip_gives_identical_logits(omni_model, tmp_path):
+    batch = make_batch(omni_model, MIXED)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    omni_model.save_pretrained(tmp_path / "ckpt")
+    reloaded = OmniModel.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, omni_model(**inputs).logits, rtol=0, atol=0)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "adapters.safetensors", "audio", "config.yaml", "llm", "vision"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_saved_llm_folder_is_a_plain_hf_causal_lm(omni_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    omni_model.save_pretrained(tmp_path / "ckpt")
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "llm")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "ckpt" / "llm")
+    assert "<image>" in tokenizer.get_vocab() and llm.get_input_embeddings().num_embeddings >= len(tokenizer)
+
+
+def test_save_replaces_an_existing_checkpoint(omni_model, tmp_path):
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    omni_model.save_pretrained(target)
+    assert not (target / "stale.txt").exists() and (target / "config.yaml").exists()
+
+
+def test_loading_a_non_checkpoint_fails_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="not an omniforge checkpoint"):
+        OmniModel.from_pretrained(tmp_path)
+
+
+def test_tiny_preset_trains_a_mixed_batch_of_8(tmp_path):
+    torch.manual_seed(0)
+    model = OmniModel.from_config(load_config("recipes/models/tiny.yaml")).train()
+    batch = make_batch(model, (MIXED * 2)[:8])
+    out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
