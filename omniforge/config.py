@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from omniforge.errors import ConfigError
+from omniforge.processing.video import FrameSampling
 
 
 # --------------------------------------------------------------------------- the parts
@@ -133,6 +134,19 @@ class SpecialTokens:
 
 
 @dataclass
+class ChatConfig:
+    """How conversations are rendered: a system prompt per data type (as in VITA)."""
+
+    system_image: str = "You are an assistant that sees images. Answer about the image."
+    system_video: str = "You are an assistant that watches videos. Answer about the video."
+    system_audio: str = "You are an assistant that hears audio. Answer the speaker or about the audio."
+    system_text: str = "You are a helpful assistant."
+
+    def system_prompt(self, data_type: str) -> str:
+        return getattr(self, f"system_{data_type}")
+
+
+@dataclass
 class OmniConfig:
     """The whole omni model: towers, adapters, LLM, special tokens. `vision`/`audio` may be null."""
 
@@ -142,6 +156,8 @@ class OmniConfig:
     audio: AudioConfig | None = None
     audio_adapter: AdapterConfig = field(default_factory=AdapterConfig)
     tokens: SpecialTokens = field(default_factory=SpecialTokens)
+    video: FrameSampling = field(default_factory=FrameSampling)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
 
 # --------------------------------------------------------------------------- load / save

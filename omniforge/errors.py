@@ -16,9 +16,39 @@ class CheckpointError(OmniforgeError):
 class PlaceholderCountError(OmniforgeError, ValueError):
     """The number of placeholder tokens in the text differs from the number of encoder features."""
 
-    def __init__(self, modality: str, expected: int, got: int, detail: str = ""):
+    def __init__(self, modality: str, expected: int, got: int, message: str | None = None):
         self.modality, self.expected, self.got = modality, expected, got
-        super().__init__(
+        super().__init__(message or (
             f"{modality}: the encoders produced {expected} feature vectors but the text holds {got} "
-            f"{modality} placeholder tokens{detail}; expand placeholders with omniforge.processing.counts"
-        )
+            f"{modality} placeholder tokens; expand placeholders with omniforge.processing.chat"
+        ))
+
+
+class MediaError(OmniforgeError):
+    """A media file could not be turned into model input; the message names the file."""
+
+    def __init__(self, source: object, problem: str):
+        self.source, self.problem = source, problem
+        super().__init__(f"{_describe(source)}: {problem}")
+
+
+class UnreadableMediaError(MediaError):
+    """The file is missing, unreadable, truncated or corrupt."""
+
+
+class UnsupportedMediaError(MediaError):
+    """The file is not in a format omniforge can decode."""
+
+
+class EmptyMediaError(MediaError):
+    """The media has no content: zero pixels, no frames, no samples."""
+
+
+class MediaTooLargeError(MediaError):
+    """The media exceeds a configured size limit (e.g. a decompression bomb)."""
+
+
+def _describe(source: object) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    return str(source)
