@@ -7,6 +7,7 @@ exercise the same loading path as siglip-so400m, whisper-large-v3 and Qwen2.5-7B
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,44 +82,32 @@ def omni_model(hf_parts) -> OmniModel:
     return OmniModel.from_config(omni_config(hf_parts)).eval()
 
 
-def make_batch(model: OmniModel, samples: list[dict], padding_side: str = "right", seed: int = 0) -> dict:
-    """Tokenised, padded batch with random media for `samples`.
+def make_batch(model: OmniModel, samples: list[dict], padding_side: str = "right", seed: int = 0,
+               generation: bool = False) -> dict:
+    """A batch built by the real processor from random media, one user turn per sample.
 
-    Each sample: {"text": "... <image> ... <audio> ...", "tiles": [tiles per image],
-    "frames": [frames per video], "audio": [samples per clip]}; labels cover every real token.
+    Each sample: {"text": "... <image> ... <audio> ...", "images": [(w, h) per image],
+    "videos": [frames per video], "audios": [samples per clip]}. Without `generation` an
+    assistant answer ("ok") follows, so labels are non-empty.
     """
-    g = torch.Generator().manual_seed(seed)
-    tok, cfg = model.tokenizer, model.config.tokens
-    rows, pixels, frames, mels, valid = [], [], [], [], []
+    from PIL import Image
+
+    from omniforge.processing.chat import OmniProcessor
+    from omniforge.processing.video import Video
+
+    rng = np.random.default_rng(seed)
+
+    def picture(w, h):
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    processor = OmniProcessor.from_model(model)
+    encoded = []
     for s in samples:
-        text = s["text"]
-        for n in s.get("tiles", []):
-            text = text.replace(cfg.image, "\0" * (n * model.vision.tokens_per_tile), 1)
-            pixels.append(torch.randn(n, 3, model.vision.tile_size, model.vision.tile_size, generator=g))
-        for n in s.get("frames", []):
-            text = text.replace(cfg.video, "\1" * (n * model.vision.tokens_per_tile), 1)
-            frames.append(torch.randn(n, 3, model.vision.tile_size, model.vision.tile_size, generator=g))
-        for n in s.get("audio", []):
-            geometry = model.audio.geometry
-            text = text.replace(cfg.audio, "\2" * geometry.tokens(n), 1)
-            for length in geometry.window_lengths(n):
-                mels.append(torch.randn(1, model.audio.num_mel_bins, geometry.window_frames, generator=g))
-                valid.append(length)
-        text = text.replace("\0", cfg.image).replace("\1", cfg.video).replace("\2", cfg.audio)
-        rows.append(tok(text, add_special_tokens=False).input_ids)
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tok.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
-        ids[i, span] = torch.tensor(row)
-        mask[i, span] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels)
-    if frames:
-        batch["pixel_values_videos"] = torch.cat(frames)
-    if mels:
-        batch["audio_features"] = torch.cat(mels)
-        batch["audio_valid_frames"] = torch.tensor(valid)
-    return batch
+        media = {"image": [picture(*size) for size in s.get("images", [])],
+                 "video": [Video([picture(40, 30) for _ in range(n)], list(range(n)), float(n)) for n in s.get("videos", [])],
+                 "audio": [rng.normal(0, 0.1, n).astype(np.float32) for n in s.get("audios", [])]}
+        messages = [{"role": "user", "content": s["text"]}]
+        if not generation:
+            messages.append({"role": "assistant", "content": "ok"})
+        encoded.append(processor.encode(messages, media, system="", add_generation_prompt=generation))
+    return processor.collate(encoded, padding_side)

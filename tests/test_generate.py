@@ -5,15 +5,14 @@ from conftest import make_batch
 from omniforge.model.generate import GenerationConfig, generate, sample, stream
 
 PROMPTS = [
-    {"text": "<|im_start|>user\nDescribe <image><|im_end|>\n<|im_start|>assistant\n", "tiles": [1]},
-    {"text": "<|im_start|>user\nWhat is said? <audio> And here? <audio><|im_end|>\n<|im_start|>assistant\n",
-     "audio": [8_000, 50_000]},
-    {"text": "<|im_start|>user\nHello there, how are you today?<|im_end|>\n<|im_start|>assistant\n"},
+    {"text": "Describe <image>", "images": [(32, 32)]},
+    {"text": "What is said? <audio> And here? <audio>", "audios": [8_000, 50_000]},
+    {"text": "Hello there, how are you today?"},
 ]
 
 
 def inputs(model, prompts=PROMPTS):
-    batch = make_batch(model, prompts, padding_side="left")
+    batch = make_batch(model, prompts, padding_side="left", generation=True)
     batch.pop("labels")
     return batch
 

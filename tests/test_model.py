@@ -12,11 +12,11 @@ from omniforge.model.vision import VisionEncoder
 from omniforge.processing.counts import AudioGeometry, tokens_per_tile
 
 MIXED = [
-    {"text": "Describe <image> please.", "tiles": [1]},
-    {"text": "What is said? <audio>", "audio": [16_000]},
-    {"text": "Compare <image> with what you hear: <audio>", "tiles": [2], "audio": [40_000]},
+    {"text": "Describe <image> please.", "images": [(32, 32)]},  # 1 tile
+    {"text": "What is said? <audio>", "audios": [16_000]},
+    {"text": "Compare <image> with what you hear: <audio>", "images": [(64, 32)], "audios": [40_000]},  # 2+1 tiles
     {"text": "Just text, nothing else."},
-    {"text": "Video <video> and image <image>", "frames": [3], "tiles": [1]},
+    {"text": "Video <video> and image <image>", "videos": [3], "images": [(32, 32)]},
 ]
 
 
@@ -126,17 +126,17 @@ def test_offline_mode_is_enforced():
 # --------------------------------------------------------------------------- placeholders
 
 def test_placeholder_count_mismatch_names_modality_expected_and_got(omni_model):
-    batch = make_batch(omni_model, [{"text": "Look: <image>", "tiles": [2]}])
-    batch["pixel_values"] = batch["pixel_values"][:1]  # one tile fewer than the text expects
+    batch = make_batch(omni_model, [{"text": "Look: <image>", "images": [(64, 32)]}])  # 2 tiles + thumbnail
+    batch["pixel_values"] = batch["pixel_values"][:1]  # two tiles fewer than the text expects
     with pytest.raises(PlaceholderCountError) as err:
         omni_model(**batch)
     per_tile = omni_model.vision.tokens_per_tile
-    assert (err.value.modality, err.value.expected, err.value.got) == ("image", per_tile, 2 * per_tile)
-    assert f"image: the encoders produced {per_tile} feature vectors but the text holds {2 * per_tile}" in str(err.value)
+    assert (err.value.modality, err.value.expected, err.value.got) == ("image", per_tile, 3 * per_tile)
+    assert f"image: the encoders produced {per_tile} feature vectors but the text holds {3 * per_tile}" in str(err.value)
 
 
 def test_media_without_placeholders_is_refused(omni_model):
-    batch = make_batch(omni_model, [{"text": "What is said? <audio>", "audio": [16_000]}])
+    batch = make_batch(omni_model, [{"text": "What is said? <audio>", "audios": [16_000]}])
     batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == omni_model.token_ids["audio"], 65)
     with pytest.raises(PlaceholderCountError, match="audio: the encoders produced 13 feature vectors but the text holds 0"):
         omni_model(**batch)

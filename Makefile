@@ -1,0 +1,29 @@
+# omniforge: `make demo` runs the main job, `make test` the suite. Both install first.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[all,dev]"
+	touch $@
+
+demo: install
+	$(BIN)/omniforge demo
+
+test: install
+	$(BIN)/python -m pytest tests
+
+bench: install
+	$(BIN)/python bench/media.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

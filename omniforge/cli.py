@@ -1,0 +1,108 @@
+"""The `omniforge` command: demo | tokens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from omniforge.errors import OmniforgeError
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "recipes" / "models" / "capybara_7b.yaml"
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+VIDEO_EXTS = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v"}
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aac"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omniforge", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="build a tiny omni model, train it briefly, save, reload, generate")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the checkpoint")
+    demo.add_argument("--steps", type=int, default=60, help="training steps")
+
+    tokens = commands.add_parser("tokens", help="what the model sees of each media file, and its token cost")
+    tokens.add_argument("files", nargs="+", type=Path)
+    tokens.add_argument("--recipe", type=Path, default=None,
+                        help="model config or recipe YAML (default: the 7B recipe's model settings)")
+    tokens.add_argument("--json", action="store_true", help="one JSON object per file")
+
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.command == "demo":
+            from omniforge.demo import run_demo
+
+            run_demo(args.out, args.steps)
+        elif args.command == "tokens":  # key=value words among the files are config overrides
+            is_override = [("=" in f.name and not f.exists()) for f in args.files]
+            files = [f for f, o in zip(args.files, is_override) if not o]
+            overrides += [str(f) for f, o in zip(args.files, is_override) if o]
+            return tokens_command(files, args.recipe, args.json, overrides)
+    except OmniforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def tokens_command(files: list[Path], recipe: Path | None, as_json: bool, overrides: list[str]) -> int:
+    from omniforge.config import load_config
+    from omniforge.errors import MediaError
+    from omniforge.processing.media import MediaProcessor
+
+    config = load_config(recipe or DEFAULT_MODEL, overrides)
+    processor = MediaProcessor.from_config(config)
+    total, failed = 0, 0
+    for file in files:
+        try:
+            item = processor.item(media_kind(file), file)
+        except MediaError as e:
+            failed += 1
+            print(json.dumps({"file": str(file), "error": str(e)}) if as_json else f"{file}: error: {e}")
+            continue
+        total += item.tokens
+        info = item.info
+        record = {"file": str(file), "modality": item.modality, "tiles": info.get("tiles", 0),
+                  "frames": info.get("frames", 0), "audio_seconds": info.get("seconds", 0.0),
+                  "tokens": item.tokens, **info}
+        print(json.dumps(record) if as_json else describe(file, item.modality, info, item.tokens))
+    if not as_json and len(files) > 1:
+        print(f"total: {total} tokens in {len(files) - failed} files" + (f" ({failed} unreadable)" if failed else ""))
+    return 1 if failed else 0
+
+
+def media_kind(file: Path) -> str:
+    """image / video / audio by extension; an animated GIF is a video."""
+    ext = file.suffix.lower()
+    if ext == ".gif":
+        from PIL import Image
+
+        try:
+            with Image.open(file) as image:
+                return "video" if getattr(image, "n_frames", 1) > 1 else "image"
+        except Exception:  # noqa: BLE001  (unreadable: the image loader reports it properly)
+            return "image"
+    for kind, exts in (("image", IMAGE_EXTS), ("video", VIDEO_EXTS), ("audio", AUDIO_EXTS)):
+        if ext in exts:
+            return kind
+    raise OmniforgeError(f"{file}: unknown media extension {ext!r} "
+                         f"(images {sorted(IMAGE_EXTS)}, videos {sorted(VIDEO_EXTS)}, audio {sorted(AUDIO_EXTS)})")
+
+
+def describe(file: Path, modality: str, info: dict, tokens: int) -> str:
+    if modality == "image":
+        cols, rows = info["grid"]
+        thumb = " + thumbnail" if info["thumbnail"] else ""
+        what = f"{info['size'][0]}x{info['size'][1]} -> grid {cols}x{rows}{thumb} = {info['tiles']} tiles"
+    elif modality == "video":
+        times = ", ".join(f"{t:g}" for t in info["timestamps"])
+        what = f"{info['duration']:g} s -> {info['frames']} frames at [{times}] s"
+    else:
+        what = f"{info['seconds']:g} s -> {info['windows']} window(s) of {info['window_seconds']:g} s"
+    return f"{file}: {modality} {what} -> {tokens} tokens"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
