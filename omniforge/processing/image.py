@@ -158,8 +158,9 @@ class ImageProcessor:
         thumbnail = rows * cols > 1
         if thumbnail:
             tiles = torch.cat([tiles, _chw(image.resize((t, t), Image.Resampling.BICUBIC))[None]])
-        return TiledImage((tiles - self.mean) / self.std, (cols, rows), thumbnail)
+        return TiledImage(tiles.float().sub_(self.mean).div_(self.std), (cols, rows), thumbnail)
 
 
 def _chw(image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    """(3, H, W) uint8 view of a PIL RGB image (no float copy until the tiles are cut)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)

@@ -5,13 +5,15 @@
     video.timestamps   # seconds of each frame
     video.audio        # float32 16-kHz mono track, or None
 
-Decoding seeks to the keyframe before each wanted time and decodes forward to it, so a long
-clip costs a few GOPs, not every frame. Frame times come from each frame's own timestamp, so
-variable frame rate is handled; a missing duration is found by a demux-only scan.
+A demux-only pass (packets, no decoding) finds the keyframes; decoding then seeks to the
+keyframe before each wanted time when that skips frames, and decodes forward to it, so a long
+clip costs a few groups of pictures, not every frame. Frame times come from each frame's own
+timestamp, so variable frame rate is handled; a missing duration comes from the packets.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,12 +84,12 @@ def load_video(source, sampling: FrameSampling | None = None, with_audio: bool =
             if not container.streams.video:
                 raise UnsupportedMediaError(source, "no video stream in the file")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            start, duration = _start_and_duration(container, stream)
+            stream.thread_type = "SLICE"  # frame threading re-primes its pipeline at every seek
+            start, duration, keyframes = _scan(container, stream)
             if duration <= 0:
                 raise EmptyMediaError(source, "video has no frames")
             times = sampling.times(duration)
-            frames, stamps = _decode_at(container, stream, [start + t for t in times])
+            frames, stamps = _decode_at(container, stream, [start + t for t in times], keyframes)
             if not frames:
                 raise EmptyMediaError(source, "video has no decodable frames")
             audio = None
@@ -103,45 +105,53 @@ def load_video(source, sampling: FrameSampling | None = None, with_audio: bool =
     return Video(frames, [s - start for s in stamps], duration, audio)
 
 
-def _start_and_duration(container, stream) -> tuple[float, float]:
-    """Start time and duration (s): stream metadata, else container, else a demux-only scan."""
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
-        return start, float(stream.duration * stream.time_base)
-    if container.duration is not None and container.duration > 0:
-        return start, container.duration / 1_000_000
-    last_end, first = 0.0, None
-    for packet in container.demux(stream):  # packets only, nothing decoded
+def _scan(container, stream) -> tuple[float, float, list[float]]:
+    """Start time, duration (s) and keyframe times, from one demux pass (no decoding).
+
+    The duration comes from stream metadata, else the container's, else the packets.
+    """
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else None
+    keyframes, first, last_end = [], None, 0.0
+    for packet in container.demux(stream):
         if packet.pts is None:
             continue
         t = float(packet.pts * stream.time_base)
         first = t if first is None else min(first, t)
         last_end = max(last_end, t + float((packet.duration or 0) * stream.time_base))
+        if packet.is_keyframe:
+            keyframes.append(t)
     container.seek(0)
-    first = first or 0.0
-    return first, max(0.0, last_end - first)
+    start = start if start is not None else (first or 0.0)
+    if stream.duration and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration:
+        duration = container.duration / 1_000_000
+    else:
+        duration = max(0.0, last_end - start)
+    return start, duration, sorted(keyframes)
 
 
-SEEK_GAP = 2.0
-"""Seek only when the next wanted frame is this many seconds past the last decoded one."""
+def _decode_at(container, stream, times: list[float], keyframes: list[float]) -> tuple[list, list[float]]:
+    """For each wanted time, the first frame shown at or after it (the last frame if none).
 
-
-def _decode_at(container, stream, times: list[float]) -> tuple[list, list[float]]:
-    """For each wanted time, the first frame shown at or after it (the last frame if none)."""
+    Seeks only when a keyframe lies between the last decoded frame and the wanted time;
+    otherwise decoding forward is cheaper than starting a new group of pictures.
+    """
     frames, stamps = [], []
-    position = None  # time of the last decoded frame; None: decoder not positioned
-    iterator = None
-    last = None
+    position, iterator, last = None, None, None
+    half = _half_frame(stream)
     for target in times:
-        if position is None or target - position > SEEK_GAP:
-            container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
+        at = bisect.bisect_right(keyframes, target)
+        keyframe = keyframes[at - 1] if at else None
+        if iterator is None or (keyframe is not None and keyframe > position):
+            container.seek(int((keyframe or 0.0) / stream.time_base), stream=stream, backward=True, any_frame=False)
             iterator = container.decode(stream)
         chosen = None
         for frame in iterator:
             if frame.time is None:
                 continue
             position, last = frame.time, frame
-            if frame.time + _half_frame(stream) >= target:
+            if frame.time + half >= target:
                 chosen = frame
                 break
         chosen = chosen or last
