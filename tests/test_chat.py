@@ -1,7 +1,6 @@
 """Conversations into ids, labels and media: both formats, templates, states, placeholders."""
 
 import base64
-import io
 import json
 import subprocess
 import sys
@@ -190,3 +189,12 @@ def test_tokens_cli_reports_unreadable_files(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     result = run_cli("tokens", str(tmp_path / "broken.png"))
     assert result.returncode == 1 and "broken.png: not an image format" in result.stdout
+
+
+def test_audio_and_video_of_one_file(processor, tmp_path):
+    frames = [np.full((32, 32, 3), i * 20, np.uint8) for i in range(10)]
+    clip = write_video(tmp_path / "talk.mp4", frames, fps=5, audio=np.zeros(32_000, np.float32))
+    encoded = processor.encode_record({"messages": [{"role": "user", "content": "<video><audio>"}],
+                                       "videos": [str(clip)], "audios": [str(clip)]})  # the track of the same file
+    video, audio = encoded.media
+    assert video.info["frames"] == 4 and abs(audio.info["seconds"] - 2.0) < 0.2

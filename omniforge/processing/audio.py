@@ -13,13 +13,13 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from omniforge.errors import EmptyMediaError, MediaTooLargeError, UnreadableMediaError, UnsupportedMediaError
 from omniforge.processing.counts import HOP_LENGTH, SAMPLE_RATE, AudioGeometry
+from omniforge.processing.source import media_source
 
 N_FFT = 400
 MAX_SECONDS = 4 * 3600
@@ -32,16 +32,13 @@ def load_audio(source, sample_rate: int = SAMPLE_RATE, max_seconds: float = MAX_
     Channels are averaged; the rate is converted with a polyphase filter that removes what
     would alias. Returns float32 (samples,) at `sample_rate`. Raises a `MediaError` naming the file.
     """
+    stream = media_source(source, "audio")
     try:
-        data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
-    except OSError as e:
-        raise UnreadableMediaError(source, f"cannot read audio file ({e.strerror or e})") from None
-    if not data:
-        raise EmptyMediaError(source, "empty audio file (0 bytes)")
-    try:
-        waveform, rate = _decode_soundfile(data)
+        waveform, rate = _decode_soundfile(stream)
     except Exception:  # noqa: BLE001  (not a libsndfile format: let FFmpeg try)
-        waveform, rate = _decode_av(data, source)
+        if isinstance(stream, io.BytesIO):
+            stream.seek(0)
+        waveform, rate = _decode_av(stream, source)
     if waveform.size == 0:
         raise EmptyMediaError(source, "audio has no samples")
     if waveform.shape[0] > max_seconds * rate:
@@ -62,18 +59,18 @@ def resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
     return resample_poly(waveform, target // g, rate // g).astype(np.float32)
 
 
-def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int]:
+def _decode_soundfile(stream) -> tuple[np.ndarray, int]:
     import soundfile
 
-    waveform, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    waveform, rate = soundfile.read(stream, dtype="float32", always_2d=True)
     return waveform, rate
 
 
-def _decode_av(data: bytes, source) -> tuple[np.ndarray, int]:
+def _decode_av(stream, source) -> tuple[np.ndarray, int]:
     import av
 
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(stream) as container:
             if not container.streams.audio:
                 raise UnsupportedMediaError(source, "no audio stream in the file")
             return decode_audio_stream(container, container.streams.audio[0]), SAMPLE_RATE

@@ -10,7 +10,6 @@ the whole image is appended when there is more than one tile.
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 
 from omniforge.errors import (EmptyMediaError, MediaTooLargeError, UnreadableMediaError,
                               UnsupportedMediaError)
+from omniforge.processing.source import media_source
 
 MAX_PIXELS = 64_000_000
 """Largest image accepted (pixels); anything bigger is refused as a likely decompression bomb."""
@@ -38,16 +38,11 @@ def load_image(source, max_pixels: int = MAX_PIXELS):
     if isinstance(source, Image.Image):
         image = source
     else:
-        try:
-            data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
-        except OSError as e:
-            raise UnreadableMediaError(source, f"cannot read image file ({e.strerror or e})") from None
-        if not data:
-            raise EmptyMediaError(source, "empty image file (0 bytes)")
+        stream = media_source(source, "image")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
+                image = Image.open(stream)
         except UnidentifiedImageError:
             raise UnsupportedMediaError(source, "not an image format Pillow can decode") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):

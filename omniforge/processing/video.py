@@ -14,14 +14,13 @@ timestamp, so variable frame rate is handled; a missing duration comes from the 
 from __future__ import annotations
 
 import bisect
-import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from omniforge.errors import EmptyMediaError, UnreadableMediaError, UnsupportedMediaError
 from omniforge.processing.audio import decode_audio_stream
+from omniforge.processing.source import media_source
 
 
 @dataclass
@@ -73,14 +72,9 @@ def load_video(source, sampling: FrameSampling | None = None, with_audio: bool =
     import av
 
     sampling = sampling or FrameSampling()
+    stream_source = media_source(source, "video")
     try:
-        data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
-    except OSError as e:
-        raise UnreadableMediaError(source, f"cannot read video file ({e.strerror or e})") from None
-    if not data:
-        raise EmptyMediaError(source, "empty video file (0 bytes)")
-    try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(stream_source) as container:
             if not container.streams.video:
                 raise UnsupportedMediaError(source, "no video stream in the file")
             stream = container.streams.video[0]
