@@ -20,7 +20,6 @@ import yaml
 from omniforge.errors import ConfigError
 from omniforge.processing.video import FrameSampling
 
-
 # --------------------------------------------------------------------------- the parts
 
 

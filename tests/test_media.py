@@ -10,8 +10,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from omniforge.data.media_writers import write_audio, write_video
-from omniforge.errors import (EmptyMediaError, MediaError, MediaTooLargeError, UnreadableMediaError,
-                              UnsupportedMediaError)
+from omniforge.errors import (
+    EmptyMediaError,
+    MediaError,
+    MediaTooLargeError,
+    UnreadableMediaError,
+    UnsupportedMediaError,
+)
 from omniforge.processing.audio import AudioProcessor, load_audio, resample
 from omniforge.processing.image import ImageProcessor, choose_grid, load_image
 from omniforge.processing.video import FrameSampling, load_video

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omniforge.errors import (EmptyMediaError, MediaTooLargeError, UnreadableMediaError,
-                              UnsupportedMediaError)
+from omniforge.errors import EmptyMediaError, MediaTooLargeError, UnreadableMediaError, UnsupportedMediaError
 from omniforge.processing.source import media_source
 
 MAX_PIXELS = 64_000_000
