@@ -32,7 +32,7 @@ def files(tmp_path_factory):
 
 
 def labelled_text(processor, encoded):
-    return processor.tokenizer.decode([t for t, l in zip(encoded.input_ids, encoded.labels) if l != IGNORE])
+    return processor.tokenizer.decode([t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE])
 
 
 def test_jsonl_record_expands_every_placeholder_to_its_feature_count(processor, files):
