@@ -1,4 +1,4 @@
-"""The `omniforge` command: demo | tokens."""
+"""The `omniforge` command: demo | train | tokens."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the checkpoint")
     demo.add_argument("--steps", type=int, default=60, help="training steps")
 
+    train = commands.add_parser("train", help="run a recipe's stages (key=value overrides after the recipe)")
+    train.add_argument("recipe", type=Path)
+    train.add_argument("--stage", default=None, help="run only this stage (starting from the previous one's export)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    train.add_argument("--dry-run", action="store_true", help="validate, print the stage tables and token budgets")
+
     tokens = commands.add_parser("tokens", help="what the model sees of each media file, and its token cost")
     tokens.add_argument("files", nargs="+", type=Path)
     tokens.add_argument("--recipe", type=Path, default=None,
@@ -36,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             from omniforge.demo import run_demo
 
             run_demo(args.out, args.steps)
+        elif args.command == "train":
+            return train_command(args, overrides)
         elif args.command == "tokens":  # key=value words among the files are config overrides
             is_override = [("=" in f.name and not f.exists()) for f in args.files]
             files = [f for f, o in zip(args.files, is_override) if not o]
@@ -44,6 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     except OmniforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def train_command(args, overrides: list[str]) -> int:
+    import os
+
+    from omniforge.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, overrides)
+    if args.stage:
+        recipe.stage(args.stage)  # fails early on an unknown name
+    if args.dry_run:
+        from omniforge.train.plan import dry_run
+
+        print(dry_run(recipe, world=int(os.environ.get("WORLD_SIZE", "1"))))
+        return 0
+    from omniforge.train.loop import train
+
+    train(recipe, only_stage=args.stage, resume=args.resume)
     return 0
 
 

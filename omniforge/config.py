@@ -46,12 +46,12 @@ class VisionConfig:
 
     def validate(self, key: str) -> None:
         _exactly_one_source(self, key)
-        _check(self.tile_size > 0, f"{key}.tile_size", "must be > 0")
-        _check(self.pool >= 1, f"{key}.pool", "must be >= 1 (1 turns pooling off)")
-        _check(1 <= self.min_tiles <= self.max_tiles, f"{key}.min_tiles",
+        require(self.tile_size > 0, f"{key}.tile_size", "must be > 0")
+        require(self.pool >= 1, f"{key}.pool", "must be >= 1 (1 turns pooling off)")
+        require(1 <= self.min_tiles <= self.max_tiles, f"{key}.min_tiles",
                f"must satisfy 1 <= min_tiles <= max_tiles, got {self.min_tiles} and {self.max_tiles}")
         if self.patch_size is not None:
-            _check(self.patch_size > 0 and self.tile_size % self.patch_size == 0, f"{key}.patch_size",
+            require(self.patch_size > 0 and self.tile_size % self.patch_size == 0, f"{key}.patch_size",
                    f"must divide tile_size={self.tile_size}, got {self.patch_size}")
 
 
@@ -69,7 +69,7 @@ class AudioConfig:
     def validate(self, key: str) -> None:
         _exactly_one_source(self, key)
         stack = 50 / self.tokens_per_second if self.tokens_per_second > 0 else 0
-        _check(stack >= 1 and abs(stack - round(stack)) < 1e-9, f"{key}.tokens_per_second",
+        require(stack >= 1 and abs(stack - round(stack)) < 1e-9, f"{key}.tokens_per_second",
                f"must divide 50 (the encoder's frame rate), got {self.tokens_per_second}")
 
 
@@ -83,8 +83,8 @@ class AdapterConfig:
     """Width of the hidden layers; the LLM's hidden size when None."""
 
     def validate(self, key: str) -> None:
-        _check(self.num_layers >= 1, f"{key}.num_layers", "must be >= 1")
-        _check(self.hidden_size is None or self.hidden_size > 0, f"{key}.hidden_size", "must be > 0")
+        require(self.num_layers >= 1, f"{key}.num_layers", "must be >= 1")
+        require(self.hidden_size is None or self.hidden_size > 0, f"{key}.hidden_size", "must be > 0")
 
 
 @dataclass
@@ -102,7 +102,7 @@ class LLMConfig:
 
     def validate(self, key: str) -> None:
         _exactly_one_source(self, key)
-        _check(self.path is not None or self.tokenizer is not None, f"{key}.tokenizer",
+        require(self.path is not None or self.tokenizer is not None, f"{key}.tokenizer",
                "is required when the LLM is built from `arch` (a folder, or `byte-level`)")
 
 
@@ -128,8 +128,8 @@ class SpecialTokens:
 
     def validate(self, key: str) -> None:
         tokens = self.all()
-        _check(all(tokens), key, "no special token may be empty")
-        _check(len(set(tokens)) == len(tokens), key, f"special tokens must be distinct, got {tokens}")
+        require(all(tokens), key, "no special token may be empty")
+        require(len(set(tokens)) == len(tokens), key, f"special tokens must be distinct, got {tokens}")
 
 
 @dataclass
@@ -270,16 +270,16 @@ def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
 
 def _exactly_one_source(part: Any, key: str) -> None:
-    _check((part.path is None) != (part.arch is None), key,
+    require((part.path is None) != (part.arch is None), key,
            "set exactly one of `path` (pretrained folder) or `arch` (random init)")
     if part.arch is not None:
-        _check(isinstance(part.arch.get("model_type"), str), f"{key}.arch.model_type",
+        require(isinstance(part.arch.get("model_type"), str), f"{key}.arch.model_type",
                "is required (a string such as qwen2, llama, siglip_vision_model, whisper)")
 
 

@@ -29,13 +29,13 @@ class AudioEncoder(nn.Module):
         self.hidden_size = int(config.d_model) * self.geometry.stack
 
     @classmethod
-    def from_config(cls, config: AudioConfig, dtype: torch.dtype) -> "AudioEncoder":
+    def from_config(cls, config: AudioConfig, dtype: torch.dtype, weights: bool = True) -> "AudioEncoder":
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
         whisper_config = hf_config(config.path, config.arch, "audio")
         if whisper_config.model_type != "whisper":
             raise ConfigError(f"audio: expected a Whisper model, got model_type={whisper_config.model_type!r}")
-        encoder = build_tower(WhisperEncoder, whisper_config, config.path, dtype, "audio")
+        encoder = build_tower(WhisperEncoder, whisper_config, config.path, dtype, "audio", weights)
         return cls(encoder, config.tokens_per_second)
 
     def forward(self, features: torch.Tensor, valid_frames: torch.Tensor) -> torch.Tensor:

@@ -42,21 +42,24 @@ def hf_config(path: str | None, arch: dict[str, Any] | None, key: str):
         raise ConfigError(f"{key}.arch: {e}") from None
 
 
-def load_llm(path: str | None, arch: dict[str, Any] | None, dtype: torch.dtype) -> nn.Module:
-    """Any `AutoModelForCausalLM`, from a local folder or randomly initialised from `arch`."""
+def load_llm(path: str | None, arch: dict[str, Any] | None, dtype: torch.dtype, weights: bool = True) -> nn.Module:
+    """Any `AutoModelForCausalLM`, from a local folder or randomly initialised from `arch`.
+
+    weights=False builds the architecture only (e.g. on the meta device, to count parameters).
+    """
     from transformers import AutoModelForCausalLM
 
-    if path is not None:
+    if path is not None and weights:
         return AutoModelForCausalLM.from_pretrained(
             hf_folder(path, "llm.path"), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
         )
-    config = hf_config(None, arch, "llm")
+    config = hf_config(path, arch, "llm")
     config._attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def build_tower(model_cls: type[nn.Module] | None, config: Any, path: str | None, dtype: torch.dtype,
-                key: str) -> nn.Module:
+                key: str, weights: bool = True) -> nn.Module:
     """Instantiate a tower from `config` and, when `path` is given, load its weights from there.
 
     model_cls: the class to build (None: `AutoModel`'s choice for `config`).
@@ -64,7 +67,7 @@ def build_tower(model_cls: type[nn.Module] | None, config: Any, path: str | None
     from transformers import AutoModel
 
     module = model_cls(config) if model_cls is not None else AutoModel.from_config(config)
-    if path is not None:
+    if path is not None and weights:
         load_weights(module, hf_folder(path, f"{key}.path"), key)
     return module.to(dtype)
 

@@ -51,6 +51,9 @@ class OmniModel(nn.Module):
         self.vision, self.audio = vision, audio
         self.vision_adapter = _adapter(vision, vision_adapter, config.vision_adapter, hidden, dtype)
         self.audio_adapter = _adapter(audio, audio_adapter, config.audio_adapter, hidden, dtype)
+        self.run_all_encoders = False
+        """Run every encoder on every batch (a dummy input when a batch has none of its media), so
+        that data-parallel ranks with different media mixes all use every trainable parameter."""
         vocab = tokenizer.get_vocab()
         self.token_ids = {name: vocab[getattr(config.tokens, name)]
                           for name in ("image", "video", "audio", "state_text", "state_speech", "state_background")}
@@ -58,13 +61,17 @@ class OmniModel(nn.Module):
     # ------------------------------------------------------------------ building and saving
 
     @classmethod
-    def from_config(cls, config: OmniConfig) -> "OmniModel":
-        """Build every part from its local Hugging Face folder (or randomly, from `arch`)."""
+    def from_config(cls, config: OmniConfig, weights: bool = True) -> "OmniModel":
+        """Build every part from its local Hugging Face folder (or randomly, from `arch`).
+
+        weights=False reads only configs: under `torch.device("meta")` that sizes a 7B model
+        without memory or time.
+        """
         dtype = getattr(torch, config.llm.dtype)
         tokenizer = load_tokenizer(config.llm, config.tokens)
-        llm = load_llm(config.llm.path, config.llm.arch, dtype)
-        vision = VisionEncoder.from_config(config.vision, dtype) if config.vision else None
-        audio = AudioEncoder.from_config(config.audio, dtype) if config.audio else None
+        llm = load_llm(config.llm.path, config.llm.arch, dtype, weights)
+        vision = VisionEncoder.from_config(config.vision, dtype, weights) if config.vision else None
+        audio = AudioEncoder.from_config(config.audio, dtype, weights) if config.audio else None
         return cls(config, llm, tokenizer, vision=vision, audio=audio)
 
     @classmethod
@@ -135,17 +142,40 @@ class OmniModel(nn.Module):
             audio = self.audio_adapter(self.audio(audio_features.to(embeds.dtype), audio_valid_frames))
         for modality, features in (("image", image), ("video", video), ("audio", audio)):
             embeds = self._scatter(embeds, input_ids, modality, features)
+        if self.run_all_encoders:
+            embeds = embeds + self._unused_encoders_term(vision_used=image is not None or video is not None,
+                                                         audio_used=audio is not None)
         return embeds
 
+    def _unused_encoders_term(self, vision_used: bool, audio_used: bool) -> torch.Tensor:
+        """0 x (features of a dummy input) for each encoder the batch did not use: a zero that
+        puts their parameters in the graph, so every rank reduces the same gradients."""
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        zero = torch.zeros((), dtype=dtype, device=self.device)
+        if self.vision is not None and not vision_used:
+            tile = torch.zeros(1, 3, self.vision.tile_size, self.vision.tile_size, dtype=dtype, device=self.device)
+            zero = zero + 0.0 * self.vision_adapter(self.vision(tile)).sum()
+        if self.audio is not None and not audio_used:
+            window = torch.zeros(1, self.audio.num_mel_bins, self.audio.geometry.window_frames, dtype=dtype,
+                                 device=self.device)
+            valid = torch.tensor([self.audio.geometry.window_frames], device=self.device)
+            zero = zero + 0.0 * self.audio_adapter(self.audio(window, valid)).sum()
+        return zero
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **media):
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                num_items_in_batch: float | None = None, **media):
         """Logits (B, L, V) and, given labels (B, L; -100 = no loss), the next-token loss.
 
-        media: the keyword arguments of `embed`. Returns the LLM's `CausalLMOutputWithPast`.
+        Packed rows pass position_ids restarting at 0 per sample and no attention_mask: the
+        LLM then attends within each sample only. num_items_in_batch: divide the summed token
+        losses by this (the labelled tokens of a whole optimizer step) instead of taking the
+        mean. media: the keyword arguments of `embed`. Returns the LLM's `CausalLMOutputWithPast`.
         """
         embeds = self.embed(input_ids, **media)
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        labels=labels, use_cache=False)
+                        labels=labels, use_cache=False, **extra)
 
     def _vision_features(self, pixel_values, pixel_values_videos):
         """Images and video frames go through the tower in one call, then split again."""

@@ -37,10 +37,10 @@ class VisionEncoder(nn.Module):
                               f"use its native size {config.image_size}")
 
     @classmethod
-    def from_config(cls, config: VisionConfig, dtype: torch.dtype) -> "VisionEncoder":
+    def from_config(cls, config: VisionConfig, dtype: torch.dtype, weights: bool = True) -> "VisionEncoder":
         tower_config = hf_config(config.path, config.arch, "vision")
         tower_config = getattr(tower_config, "vision_config", tower_config)  # full SigLIP / CLIP
-        tower = build_tower(None, tower_config, config.path, dtype, "vision")
+        tower = build_tower(None, tower_config, config.path, dtype, "vision", weights)
         if config.patch_size is not None and config.patch_size != tower_config.patch_size:
             raise ConfigError(f"vision.patch_size: set to {config.patch_size} but the tower uses "
                               f"{tower_config.patch_size}-px patches")

@@ -1,0 +1,147 @@
+"""JSONL conversation files, weighted mixtures, and the deterministic sample stream of a stage.
+
+The stream is a pure function of (datasets, weights, seed): position p always names the same
+record, so resuming is "start at position p" and nothing is decoded to get there. Each dataset
+is read in a fresh seeded permutation per epoch. A sample that fails to load (corrupt media,
+placeholder mismatch, bad record) is skipped and counted, never a crash of the run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from omniforge.errors import ConfigError, OmniforgeError
+from omniforge.processing.chat import ConversationError, Encoded, OmniProcessor
+
+
+class JsonlConversations:
+    """Random access to the records of a JSONL file (a byte-offset index, built once)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"data: {self.path} is not a file")
+        self.offsets = []
+        with self.path.open("rb") as f:
+            offset = 0
+            for line in f:
+                if line.strip():
+                    self.offsets.append(offset)
+                offset += len(line)
+        if not self.offsets:
+            raise ConfigError(f"data: {self.path} holds no records")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def record(self, index: int) -> dict:
+        with self.path.open("rb") as f:
+            f.seek(self.offsets[index])
+            line = f.readline()
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConversationError(f"{self.path}: record {index}: invalid JSON ({e.msg})") from None
+
+    def where(self, index: int) -> str:
+        return f"{self.path.name}[{index}]"
+
+
+class Mixture:
+    """Weighted, seeded, endless order of (dataset, record) pairs."""
+
+    BLOCK = 4096
+
+    def __init__(self, datasets: list[JsonlConversations], weights: list[float], seed: int):
+        self.datasets, self.seed = datasets, seed
+        total = float(sum(weights))
+        self.probabilities = np.array([w / total for w in weights])
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return self.order()
+
+    def order(self, start: int = 0) -> Iterator[tuple[int, int]]:
+        """(dataset, record) for positions start, start+1, ... (positions before are skipped cheaply)."""
+        rng = np.random.default_rng([self.seed, 0])
+        used = [0] * len(self.datasets)
+        position = 0
+        while True:
+            for d in rng.choice(len(self.datasets), size=self.BLOCK, p=self.probabilities):
+                epoch, index = divmod(used[d], len(self.datasets[d]))
+                used[d] += 1
+                if position >= start:
+                    yield int(d), int(self._permutation(int(d), epoch)[index])
+                position += 1
+
+    def _permutation(self, dataset: int, epoch: int) -> np.ndarray:
+        key = (dataset, epoch)
+        if key not in self._permutations:
+            if len(self._permutations) > 64:
+                self._permutations.clear()
+            self._permutations[key] = np.random.default_rng([self.seed, dataset + 1, epoch]).permutation(
+                len(self.datasets[dataset]))
+        return self._permutations[key]
+
+    @property
+    def size(self) -> int:
+        """Records in one pass over every dataset."""
+        return sum(len(d) for d in self.datasets)
+
+
+@dataclass
+class Positioned:
+    """An encoded sample and where it sits in the stream."""
+
+    position: int
+    sample: Encoded
+
+
+class SampleStream:
+    """Encoded samples of a mixture for one process: positions p with p % world == rank.
+
+    Samples that fail to load are skipped; `skipped` counts them by reason.
+    """
+
+    def __init__(self, mixture: Mixture, processor: OmniProcessor, start: int = 0, rank: int = 0, world: int = 1,
+                 warn=print):
+        self.mixture, self.processor = mixture, processor
+        self.rank, self.world, self.warn = rank, world, warn
+        self.skipped: Counter[str] = Counter()
+        self._iter = self._samples(start)
+
+    def __iter__(self):
+        return self._iter
+
+    def __next__(self) -> Positioned:
+        return next(self._iter)
+
+    def _samples(self, start: int) -> Iterator[Positioned]:
+        first = start + (self.rank - start) % self.world  # the first position of this rank's shard
+        order = self.mixture.order(first)
+        position = first
+        for d, index in order:
+            if (position - self.rank) % self.world == 0:
+                dataset = self.mixture.datasets[d]
+                try:
+                    record = dataset.record(index)
+                    sample = self.processor.encode_record(record, base_dir=dataset.path.parent,
+                                                          where=dataset.where(index))
+                except OmniforgeError as e:
+                    self.skipped[type(e).__name__] += 1
+                    if sum(self.skipped.values()) <= 5:
+                        self.warn(f"skipped {e}")
+                else:
+                    yield Positioned(position, sample)
+            position += 1
+
+
+def open_mixture(specs, seed: int) -> Mixture:
+    """The mixture of a stage's `data` list (`DatasetSpec`s)."""
+    return Mixture([JsonlConversations(s.path) for s in specs], [s.weight for s in specs], seed)

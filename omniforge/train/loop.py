@@ -1,0 +1,302 @@
+"""The training loop: stages run in order, each from the weights the previous one left.
+
+    omniforge train recipes/tiny.yaml [key=value ...] [--stage NAME] [--resume] [--dry-run]
+    torchrun --nproc_per_node 8 -m omniforge.cli train recipes/capybara_7b.yaml
+
+Per stage: set trainability (frozen / full / LoRA per component) -> AdamW groups per
+component -> warmup + cosine -> micro-batches (packed or padded) -> loss normalised by the
+labelled tokens of the whole optimizer step (across micro-batches and processes) -> clip ->
+step. Resumable checkpoints (weights, optimizer, scheduler, RNG, data position) are written
+atomically every `checkpoint_every` steps; every stage ends with an exported model folder
+that records what was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omniforge.data.dataset import SampleStream, open_mixture
+from omniforge.data.packing import MicroBatch, PackedBatches, PaddedBatches
+from omniforge.model.omni import OmniModel
+from omniforge.processing.chat import OmniProcessor
+from omniforge.train.components import configure_stage, format_table, merge_lora, param_groups
+from omniforge.train.distributed import Distributed
+from omniforge.train.evaluate import Evaluator
+from omniforge.train.recipe import Recipe, StageConfig
+
+CHECKPOINTS, STAGES = "checkpoints", "stages"
+
+
+def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False) -> Path:
+    """Run the recipe (or one stage of it); returns the folder of the last exported stage."""
+    dist = Distributed.from_environment()
+    out = Path(recipe.train.out_dir)
+    log = _Log(out, dist.is_main)
+    stages = [recipe.stage(only_stage)] if only_stage else recipe.stages
+    state = _latest_checkpoint(out) if resume else None
+    if state is not None and state["stage"] not in [s.name for s in stages]:
+        raise ValueError(f"--resume: the latest checkpoint is in stage {state['stage']!r}, not among {stages}")
+    if resume and state is None:
+        log.print(f"--resume: no checkpoint in {out / CHECKPOINTS}; starting from the beginning")
+    if state is not None:
+        stages = stages[[s.name for s in stages].index(state["stage"]):]
+
+    _seed_everything(recipe.train.seed)
+    model = _initial_model(recipe, stages[0], out, log)
+    model.to(dist.device)
+    processor = OmniProcessor.from_model(model)
+    evaluator = Evaluator(recipe.evals, processor) if recipe.evals else None
+    export = None
+    for stage in stages:
+        export = run_stage(recipe, stage, model, processor, evaluator, dist, log,
+                           state if state is not None and state["stage"] == stage.name else None)
+        state = None
+    dist.close()
+    return export
+
+
+def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: OmniProcessor,
+              evaluator: Evaluator | None, dist: Distributed, log: "_Log", state: dict | None) -> Path:
+    settings = recipe.train
+    out = Path(settings.out_dir)
+    rows = configure_stage(model, stage, settings.lora)
+    if state is not None:  # the checkpoint holds the weights of this stage's architecture (LoRA included)
+        _load_weights(model, state["folder"])
+    model.run_all_encoders = dist.world > 1
+    if settings.activation_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    wrapped = dist.wrap(model, settings.distributed)
+    optimizer = torch.optim.AdamW(param_groups(model, stage, settings.weight_decay), betas=(0.9, 0.95))
+    mixture = open_mixture(stage.data, settings.seed)
+    steps = stage.steps or _steps_for_epochs(stage, mixture, processor, dist.world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(stage, steps))
+    start_step, position = 0, 0
+    if state is not None:
+        dist.load_optimizer_state(model, optimizer, torch.load(Path(state["folder"]) / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, position = state["step"], state["ranks"][dist.rank]["position"]
+        _set_rng(state["ranks"][dist.rank]["rng"])
+        log.print(f"resumed stage {stage.name} at step {start_step} (stream position {position})")
+    stream = SampleStream(mixture, processor, start=position, rank=dist.rank, world=dist.world, warn=log.print)
+    batches = (PackedBatches(stream, processor, stage.batch_tokens, skip_long=settings.skip_long_samples)
+               if stage.batch_tokens else PaddedBatches(stream, processor, stage.batch_size))
+    log.print(f"\n== stage {stage.name}: {steps} steps x {stage.grad_accum} micro-batches x {dist.world} "
+              f"process(es) of {_batch_words(stage)}\n{format_table(rows)}")
+
+    autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16) if settings.precision == "bf16"
+                else nullcontext())
+    progress = log.progress(steps, start_step, stage.name)
+    wrapped.train()
+    for step in range(start_step + 1, steps + 1):
+        started = time.perf_counter()
+        micro = [next(batches, None) for _ in range(stage.grad_accum)]
+        micro = [m for m in micro if m is not None]
+        if not micro:
+            log.print(f"stage {stage.name}: data ran out at step {step}")
+            break
+        labelled = dist.sum(sum(m.labelled for m in micro))
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            inputs = {k: v.to(dist.device) for k, v in batch.inputs.items()}
+            with dist.no_sync(wrapped, last=i == len(micro) - 1), autocast:
+                # HF divides the summed token losses by this: the whole step's labelled tokens
+                # per process, so that the data-parallel gradient average is the global mean
+                loss = wrapped(**inputs, num_items_in_batch=max(labelled, 1) / dist.world).loss
+            loss.backward()
+            loss_sum += loss.item() / dist.world
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm).item()
+                     if settings.max_grad_norm > 0 else float("nan"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens = dist.sum(sum(m.tokens for m in micro))
+        capacity = dist.sum(sum(m.capacity for m in micro))
+        record = {"stage": stage.name, "step": step, "loss": dist.sum(loss_sum), "grad_norm": grad_norm,
+                  "lr": {g["component"]: g["lr"] for g in optimizer.param_groups}, "tokens": tokens,
+                  "padding_waste": round(1 - tokens / capacity, 4), "seconds": time.perf_counter() - started,
+                  "skipped": dict(stream.skipped)}
+        log.step(record, progress)
+        if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < steps:
+            _save_checkpoint(model, optimizer, scheduler, stage, step, micro[-1], dist, out, settings.keep_checkpoints)
+        if evaluator and stage.eval_every and step % stage.eval_every == 0 and step < steps:
+            log.evals(stage.name, step, evaluator.run(model, dist), progress)
+    progress.close()
+    merge_lora(model)
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    export = out / STAGES / stage.name
+    if dist.is_main:
+        model.save_pretrained(export)
+        record = {"stage": asdict(stage), "components": [asdict(r) for r in rows], "steps": steps,
+                  "skipped_samples": dict(stream.skipped)}
+        (export / "stage.json").write_text(json.dumps(record, indent=2))
+    if evaluator:
+        log.evals(stage.name, steps, evaluator.run(model, dist), None)
+    log.plot()
+    dist.barrier()
+    log.print(f"stage {stage.name} done -> {export}")
+    return export
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _initial_model(recipe: Recipe, first: StageConfig, out: Path, log: "_Log") -> OmniModel:
+    """The model a run starts from: the previous stage's export when starting mid-recipe."""
+    names = [s.name for s in recipe.stages]
+    index = names.index(first.name)
+    if index:
+        previous = out / STAGES / names[index - 1]
+        if (previous / "config.yaml").is_file():
+            log.print(f"starting stage {first.name} from {previous}")
+            return OmniModel.from_pretrained(previous)
+        log.print(f"warning: no export of stage {names[index - 1]} in {out / STAGES}; "
+                  f"stage {first.name} starts from the recipe's model")
+    return OmniModel.from_config(recipe.model)
+
+
+def _schedule(stage: StageConfig, steps: int):
+    warmup, floor = stage.warmup_steps, stage.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _steps_for_epochs(stage: StageConfig, mixture, processor: OmniProcessor, world: int) -> int:
+    """Optimizer steps for `epochs` passes, from the mean length of the first samples."""
+    samples_per_step = stage.grad_accum * world * (stage.batch_size or 0)
+    if stage.batch_tokens:
+        probe = SampleStream(mixture, processor, warn=lambda _: None)
+        lengths = [len(p.sample) for _, p in zip(range(32), probe)]
+        samples_per_step = stage.grad_accum * world * max(1, stage.batch_tokens // max(1, int(np.mean(lengths))))
+    return max(1, math.ceil(stage.epochs * mixture.size / samples_per_step))
+
+
+def _batch_words(stage: StageConfig) -> str:
+    return f"{stage.batch_tokens} packed tokens" if stage.batch_tokens else f"{stage.batch_size} padded samples"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(model, optimizer, scheduler, stage: StageConfig, step: int, batch: MicroBatch,
+                     dist: Distributed, out: Path, keep: int) -> None:
+    """Weights (LoRA included), optimizer, scheduler, per-process RNG and data position; atomic.
+
+    torch.save keeps tied weights (embeddings / LM head) as one tensor; exports use safetensors.
+    """
+    ranks = dist.gather({"position": batch.resume_at, "rng": _rng_state()})
+    state_dict = dist.full_state_dict(model)
+    optimizer_state = dist.full_optimizer_state(model, optimizer)
+    if not dist.is_main:
+        return
+    folder = out / CHECKPOINTS / f"step-{stage.name}-{step:07d}"
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state_dict, tmp / "model.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save({"stage": stage.name, "step": step, "scheduler": scheduler.state_dict(), "ranks": ranks,
+                "written": time.time()}, tmp / "state.pt")
+    tmp.rename(folder)
+    _write_atomic(out / CHECKPOINTS / "latest", folder.name)
+    for old in sorted((out / CHECKPOINTS).glob("step-*"), key=lambda p: p.stat().st_mtime)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _latest_checkpoint(out: Path) -> dict | None:
+    pointer = out / CHECKPOINTS / "latest"
+    if not pointer.is_file():
+        return None
+    folder = out / CHECKPOINTS / pointer.read_text().strip()
+    state = torch.load(folder / "state.pt", weights_only=False)
+    state["folder"] = str(folder)
+    return state
+
+
+def _load_weights(model: OmniModel, folder: str) -> None:
+    model.load_state_dict(torch.load(Path(folder) / "model.pt", weights_only=True), strict=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _Log:
+    """Progress bar, metrics.jsonl and the loss plot (main process only)."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.out, self.enabled = out, enabled
+        if enabled:
+            out.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+    def progress(self, total: int, initial: int, name: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=name, disable=not self.enabled, dynamic_ncols=True,
+                    mininterval=1.0)
+
+    def step(self, record: dict, progress) -> None:
+        if not self.enabled:
+            return
+        self._append(record)
+        tokens_per_second = record["tokens"] / max(record["seconds"], 1e-9)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
+        progress.update(1)
+
+    def evals(self, stage: str, step: int, scores: dict, progress) -> None:
+        if not self.enabled:
+            return
+        self._append({"stage": stage, "step": step, "eval": scores})
+        self.print(f"  eval @ {stage} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+
+    def _append(self, record: dict) -> None:
+        self.records.append(record)
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        if self.enabled:
+            from omniforge.train.plots import plot_losses
+
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")

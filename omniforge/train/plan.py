@@ -1,0 +1,60 @@
+"""`omniforge train --dry-run`: validate a recipe and show what each stage will train, and on how much.
+
+Nothing is trained and no weights are read: the model is built on the meta device from the
+parts' configs, so a 7B recipe is checked in seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from omniforge.data.dataset import JsonlConversations, SampleStream, open_mixture
+from omniforge.errors import OmniforgeError
+from omniforge.processing.chat import OmniProcessor
+from omniforge.train.components import configure_stage, format_table
+from omniforge.train.recipe import Recipe
+
+PROBE = 32
+"""Samples encoded per stage to estimate tokens per sample."""
+
+
+def dry_run(recipe: Recipe, world: int = 1) -> str:
+    """A report of every stage: component table, data, steps and token budget. Raises on any problem."""
+    from omniforge.model.omni import OmniModel
+
+    lines = [f"recipe: {len(recipe.stages)} stage(s), out_dir {recipe.train.out_dir}"]
+    try:
+        with torch.device("meta"):
+            model = OmniModel.from_config(recipe.model, weights=False)
+    except OmniforgeError as e:
+        lines.append(f"model: cannot be built from its configs ({e}); parameter counts omitted")
+        model = None
+    processor = OmniProcessor.from_model(model) if model is not None else None
+    for stage in recipe.stages:
+        lines.append(f"\n== stage {stage.name}")
+        if model is not None:
+            lines.append(format_table(configure_stage(model, stage, recipe.train.lora)))
+        sizes = [len(JsonlConversations(spec.path)) for spec in stage.data]
+        for spec, size in zip(stage.data, sizes):
+            lines.append(f"  data {spec.path}: {size} records, weight {spec.weight:g}")
+        mean = _mean_tokens(stage, processor, recipe.train.seed) if processor is not None else None
+        steps_text = f"{stage.steps} steps" if stage.steps else f"{stage.epochs:g} epochs"
+        per_step = stage.grad_accum * world
+        if stage.batch_tokens:
+            budget = f"{stage.batch_tokens * per_step:,} tokens a step (packed)"
+            total = stage.batch_tokens * per_step * (stage.steps or 0)
+        else:
+            budget = f"{stage.batch_size * per_step} samples a step (padded)"
+            total = stage.batch_size * per_step * (stage.steps or 0) * (mean or 0)
+        mean_text = f"; {mean:.0f} tokens a sample on average ({PROBE} probed)" if mean else ""
+        lines.append(f"  {steps_text}, {budget}{mean_text}")
+        if total:
+            lines.append(f"  token budget: {total:,.0f} tokens")
+    return "\n".join(lines)
+
+
+def _mean_tokens(stage, processor: OmniProcessor, seed: int) -> float | None:
+    stream = SampleStream(open_mixture(stage.data, seed), processor, warn=lambda _: None)
+    lengths = [len(p.sample) for _, p in zip(range(PROBE), stream)]
+    return float(np.mean(lengths)) if lengths else None

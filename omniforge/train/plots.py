@@ -1,0 +1,52 @@
+"""The run's loss (and eval scores) over steps, one PNG, stage boundaries marked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_losses(metrics: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval" in r]
+    if not steps:
+        return
+    figure, axes = plt.subplots(2 if evals else 1, 1, figsize=(9, 6 if evals else 3.5), squeeze=False)
+    loss_axis = axes[0][0]
+    x, boundaries, offset, previous = [], [], 0, None
+    stage_start = {}
+    for r in steps:
+        if r["stage"] != previous:
+            if previous is not None:
+                offset = x[-1]
+                boundaries.append((offset, r["stage"]))
+            stage_start[r["stage"]] = offset - (r["step"] - 1)
+            previous = r["stage"]
+        x.append(stage_start[r["stage"]] + r["step"])
+    loss_axis.plot(x, [r["loss"] for r in steps], lw=1)
+    loss_axis.set_ylabel("loss")
+    loss_axis.set_yscale("log")
+    first = steps[0]["stage"]
+    loss_axis.set_title(f"training loss ({first} -> {steps[-1]['stage']})", fontsize=10)
+    if evals:
+        eval_axis = axes[1][0]
+        names = sorted({k for r in evals for k in r["eval"]})
+        for name in names:
+            points = [(stage_start.get(r["stage"], 0) + r["step"], r["eval"][name]) for r in evals if name in r["eval"]]
+            eval_axis.plot(*zip(*points), marker="o", ms=3, label=name)
+        eval_axis.set_ylabel("eval score")
+        eval_axis.legend(fontsize=8, ncol=4)
+    for axis in [a[0] for a in axes]:
+        for position, name in boundaries:
+            axis.axvline(position, color="grey", ls="--", lw=0.8)
+            axis.text(position, axis.get_ylim()[1], f" {name}", fontsize=7, va="top")
+        axis.set_xlabel("step (all stages)")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)

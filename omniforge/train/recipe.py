@@ -1,0 +1,231 @@
+"""Recipes as data: a model config and a list of stages, each with its data, trainable parts, LRs.
+
+```yaml
+model: models/tiny.yaml          # a model config file (relative to the recipe) or an inline mapping
+train: {seed: 0, out_dir: runs/tiny, checkpoint_every: 100}
+stages:
+  - name: 1a_visual_alignment
+    data: [{path: data/captions.jsonl, weight: 1.0}]
+    components: {vision_adapter: full}      # everything not named is frozen
+    lr: {default: 1.0e-3}
+    steps: 200
+    batch_tokens: 2048                       # packed; or batch_size: 8 (padded)
+```
+
+Component names: `vision_tower`, `vision_adapter`, `audio_tower`, `audio_adapter`, `llm`; each
+`frozen` (default), `full` or `lora`. Parameters belong to components by module path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from omniforge.config import OmniConfig, apply_overrides, from_dict, require
+from omniforge.errors import ConfigError
+
+COMPONENTS = ("vision_tower", "vision_adapter", "audio_tower", "audio_adapter", "llm")
+MODULE_OF = {"vision_tower": "vision", "vision_adapter": "vision_adapter", "audio_tower": "audio",
+             "audio_adapter": "audio_adapter", "llm": "llm"}
+"""The attribute of `OmniModel` that holds each component."""
+
+Mode = Literal["frozen", "full", "lora"]
+
+
+@dataclass
+class DatasetSpec:
+    """One JSONL conversation file in a stage's mixture."""
+
+    path: str
+    """JSONL file; media paths inside resolve against its folder."""
+    weight: float = 1.0
+    """Relative sampling weight within the stage's mixture."""
+
+    def validate(self, key: str) -> None:
+        require(self.weight > 0, f"{key}.weight", "must be > 0")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA settings, used by every component whose mode is `lora`."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+
+
+@dataclass
+class EvalSpec:
+    """A held-out set watched during training (the forgetting monitor)."""
+
+    name: str
+    """Shown in logs, e.g. `image_qa`."""
+    path: str
+    """JSONL conversations; the last assistant turn is the reference answer."""
+    metric: Literal["loss", "exact_match"] = "exact_match"
+    """`loss`: teacher-forced loss on the answers; `exact_match`: greedy answers, normalised."""
+    limit: int = 64
+    """Most samples evaluated (the first ones in the file)."""
+
+
+@dataclass
+class StageConfig:
+    """One phase of the recipe."""
+
+    name: str
+    data: list[DatasetSpec]
+    components: dict[str, Mode] = field(default_factory=dict)
+    """Trainability per component; components not named are frozen."""
+    lr: dict[str, float] = field(default_factory=lambda: {"default": 1e-4})
+    """Peak learning rate per component; `default` for the rest."""
+    steps: int | None = None
+    """Optimizer steps; or give `epochs`."""
+    epochs: float | None = None
+    """Passes over the stage's data (mixture-weighted); converted to steps at stage start."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak LR."""
+    batch_tokens: int | None = None
+    """Pack samples into rows of this many tokens (media tokens counted)."""
+    batch_size: int | None = None
+    """Or: this many samples a micro-batch, padded to the longest."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (per process)."""
+    eval_every: int = 0
+    """Run the recipe's evals every this many steps (0: only at the stage end)."""
+
+    def validate(self, key: str) -> None:
+        require(bool(self.data), f"{key}.data", "needs at least one dataset")
+        for name, mode in self.components.items():
+            require(name in COMPONENTS, f"{key}.components.{name}", f"unknown component; expected one of {COMPONENTS}")
+            require(mode in ("frozen", "full", "lora"), f"{key}.components.{name}", "expected frozen, full or lora")
+            require(mode != "lora" or not name.endswith("adapter"), f"{key}.components.{name}",
+                   "LoRA applies to towers and the LLM; train adapters in full")
+        for name, value in self.lr.items():
+            require(name == "default" or name in COMPONENTS, f"{key}.lr.{name}", f"unknown component; expected {COMPONENTS}")
+            require(isinstance(value, (int, float)) and value >= 0, f"{key}.lr.{name}", "must be a number >= 0")
+        require((self.steps is None) != (self.epochs is None), key, "set exactly one of `steps` or `epochs`")
+        require((self.batch_tokens is None) != (self.batch_size is None), key,
+               "set exactly one of `batch_tokens` (packed) or `batch_size` (padded)")
+        require(self.grad_accum >= 1, f"{key}.grad_accum", "must be >= 1")
+        require(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "must be within [0, 1]")
+
+    def mode(self, component: str) -> str:
+        return self.components.get(component, "frozen")
+
+    def lr_of(self, component: str) -> float:
+        return float(self.lr.get(component, self.lr.get("default", 1e-4)))
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every stage."""
+
+    out_dir: str = "runs/default"
+    seed: int = 0
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to biases and norms)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 turns it off."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast for the forward pass (fp32 is faster on most CPUs)."""
+    activation_checkpointing: bool = False
+    """Recompute LLM activations in the backward pass (less memory, ~30% more compute)."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every this many steps (0: only at stage ends)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept (older ones deleted); stage-end exports are always kept."""
+    skip_long_samples: bool = False
+    """Skip (and count) samples longer than the packing budget instead of failing."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """How `torchrun` runs train: DDP replicas, or FSDP2 `fully_shard` per LLM layer."""
+    log_every: int = 1
+    lora: LoraSpec = field(default_factory=LoraSpec)
+
+
+@dataclass
+class Recipe:
+    """A model, shared training settings, stages, and evals to watch."""
+
+    model: OmniConfig
+    stages: list[StageConfig]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evals: list[EvalSpec] = field(default_factory=list)
+
+    def validate(self, key: str) -> None:
+        names = [s.name for s in self.stages]
+        require(bool(names), f"{key}.stages" if key != "config" else "stages", "needs at least one stage")
+        require(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(f"--stage {name}: no such stage; the recipe has {[s.name for s in self.stages]}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe; `model:` may name a model config file (relative to the recipe's folder).
+
+    Relative dataset and eval paths resolve against the recipe's folder too. Overrides are
+    dotted keys into the merged document (`model.vision.max_tiles=4`, `train.seed=1`,
+    `stages.0.steps=10`).
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with model, stages, train")
+    try:
+        if isinstance(data.get("model"), str):
+            model_file = path.parent / data["model"]
+            if not model_file.is_file():
+                raise ConfigError(f"model: {model_file} is not a file")
+            data["model"] = yaml.safe_load(model_file.read_text()) or {}
+        data = apply_overrides(_lists_as_dicts(data), overrides)
+        recipe = from_dict(Recipe, _dicts_as_lists(data))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    for stage in recipe.stages:
+        for spec in stage.data:
+            spec.path = str(_resolve(spec.path, path.parent))
+    for spec in recipe.evals:
+        spec.path = str(_resolve(spec.path, path.parent))
+    return recipe
+
+
+def _resolve(p: str, base: Path) -> Path:
+    return Path(p) if Path(p).is_absolute() else base / p
+
+
+def _lists_as_dicts(data: Any) -> Any:
+    """Lists become {"0": ..., "1": ...} so that dotted overrides can address `stages.0.steps`."""
+    if isinstance(data, dict):
+        return {k: _lists_as_dicts(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return {"__list__": True, **{str(i): _lists_as_dicts(v) for i, v in enumerate(data)}}
+    return data
+
+
+def _dicts_as_lists(data: Any) -> Any:
+    if isinstance(data, dict):
+        if data.get("__list__"):
+            items = {k: v for k, v in data.items() if k != "__list__"}
+            if not all(k.isdigit() for k in items):
+                raise ConfigError(f"list override: expected numeric indices, got {sorted(items)}")
+            return [_dicts_as_lists(items[k]) for k in sorted(items, key=int)]
+        return {k: _dicts_as_lists(v) for k, v in data.items()}
+    return data
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    from omniforge.config import to_dict
+
+    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

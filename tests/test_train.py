@@ -1,0 +1,303 @@
+"""The training engine: recipes, trainability, packing, the loop, checkpoints, resume, DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import write_tiny_dataset
+from omniforge.config import load_config
+from omniforge.data.dataset import JsonlConversations, Mixture, SampleStream, open_mixture
+from omniforge.data.packing import PackedBatches, PaddedBatches, SampleTooLongError
+from omniforge.errors import ConfigError
+from omniforge.model.omni import OmniModel
+from omniforge.processing.chat import OmniProcessor
+from omniforge.train.components import component_of, configure_stage, merge_lora, param_groups
+from omniforge.train.recipe import DatasetSpec, LoraSpec, StageConfig, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = str(REPO / "recipes" / "models" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = OmniModel.from_config(load_config(TINY_MODEL))
+    return model, OmniProcessor.from_model(model)
+
+
+def write_recipe(folder: Path, data: Path, stages: list[dict], **train) -> Path:
+    recipe = {"model": TINY_MODEL, "train": {"out_dir": str(folder / "run"), "seed": 0, **train},
+              "stages": [{"data": [{"path": str(data)}], **s} for s in stages]}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "omniforge.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- recipes
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.stages and all(s.data for s in recipe.stages)
+
+
+def test_shipped_7b_recipe_follows_the_papers_phases():
+    recipe = load_recipe(REPO / "recipes" / "capybara_7b.yaml")
+    stages = {s.name: s for s in recipe.stages}
+    assert stages["1a_visual_alignment"].components == {"vision_adapter": "full"}
+    audio = stages["2_audio_alignment"]
+    assert audio.mode("llm") == "frozen" and audio.mode("vision_tower") == "frozen" and audio.mode("audio_tower") == "full"
+    assert recipe.model.vision.max_tiles == 9 and recipe.model.llm.path.endswith("Qwen2.5-7B-Instruct")
+
+
+@pytest.mark.parametrize("override, message", [
+    (["stages.0.components.vision=full"], "stages[0].components.vision: unknown component"),
+    (["stages.0.epochs=1"], "set exactly one of `steps` or `epochs`"),
+    (["stages.0.batch_size=4"], "set exactly one of `batch_tokens`"),
+    (["stages.0.lr.audio=0.1"], "stages[0].lr.audio: unknown component"),
+    (["stages.0.components.vision_adapter=lora"], "LoRA applies to towers and the LLM"),
+    (["train.precision=fp8"], "train.precision: expected one of"),
+    (["model.vision.pool=0"], "vision.pool: must be >= 1"),
+])
+def test_recipe_errors_name_the_key(tmp_path, dataset, override, message):
+    path = write_recipe(tmp_path, dataset, [{"name": "a", "steps": 2, "batch_tokens": 512}])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_recipe(path, override)
+
+
+def test_recipe_overrides_reach_stages_and_model(tmp_path, dataset):
+    path = write_recipe(tmp_path, dataset, [{"name": "a", "steps": 2, "batch_tokens": 512}])
+    recipe = load_recipe(path, ["stages.0.steps=7", "model.vision.max_tiles=2", "train.seed=3"])
+    assert recipe.stages[0].steps == 7 and recipe.model.vision.max_tiles == 2 and recipe.train.seed == 3
+
+
+# --------------------------------------------------------------------------- trainability
+
+def test_components_are_resolved_by_module_path_not_substring():
+    assert component_of("vision_adapter.0.weight") == "vision_adapter"
+    assert component_of("vision.tower.encoder.layers.0.mlp.fc1.weight") == "vision_tower"
+    assert component_of("audio.encoder.conv1.weight") == "audio_tower"
+    assert component_of("llm.model.layers.0.self_attn.q_proj.weight") == "llm"
+
+
+def test_stage_freezes_exactly_the_components_it_does_not_name(dataset):
+    torch.manual_seed(0)
+    model = OmniModel.from_config(load_config(TINY_MODEL))
+    stage = StageConfig(name="s", data=[DatasetSpec(str(dataset))], steps=1, batch_size=1,
+                        components={"vision_adapter": "full", "audio_tower": "full"}, lr={"default": 1e-3, "audio_tower": 1e-4})
+    rows = {r.component: r for r in configure_stage(model, stage, LoraSpec())}
+    assert rows["vision_adapter"].trainable == rows["vision_adapter"].params > 0
+    assert rows["llm"].trainable == 0 and rows["vision_tower"].trainable == 0
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (component_of(name) in ("vision_adapter", "audio_tower"))
+    groups = param_groups(model, stage, weight_decay=0.1)
+    assert {g["component"]: g["lr"] for g in groups} == {"vision_adapter": 1e-3, "audio_tower": 1e-4}
+    assert all(g["weight_decay"] == 0 for g in groups if all(p.ndim == 1 for p in g["params"]))
+
+
+def test_lora_trains_adapters_only_and_merges_into_the_weights(tiny, dataset):
+    model, processor = tiny
+    model = OmniModel.from_config(load_config(TINY_MODEL))
+    stage = StageConfig(name="s", data=[DatasetSpec(str(dataset))], steps=1, batch_size=1, components={"llm": "lora"})
+    rows = {r.component: r for r in configure_stage(model, stage, LoraSpec(r=4))}
+    assert 0 < rows["llm"].trainable < rows["llm"].params / 2
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.llm.named_parameters())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a trained adapter
+    batch = processor.collate([processor.encode([{"role": "user", "content": "hello"}])])
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).logits
+        assert merge_lora(model) > 0
+        after = model(**batch).logits
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(before, after, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- data
+
+def test_mixture_is_deterministic_weighted_and_resumable(dataset, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(i)}]}) + "\n" for i in range(5)))
+    mixture = Mixture([JsonlConversations(dataset), JsonlConversations(other)], [3.0, 1.0], seed=0)
+    first = [x for _, x in zip(range(400), mixture.order())]
+    assert first == [x for _, x in zip(range(400), Mixture(mixture.datasets, [3.0, 1.0], seed=0).order())]
+    assert 0.65 < sum(d == 0 for d, _ in first) / 400 < 0.85
+    assert [x for _, x in zip(range(100), mixture.order(300))] == first[300:400]
+    epoch = [i for d, i in first if d == 1][:5]
+    assert sorted(epoch) == list(range(5))  # every record once per epoch, shuffled
+
+
+def test_corrupt_samples_are_skipped_and_counted(tiny, dataset, tmp_path):
+    _, processor = tiny
+    bad = dataset.parent / "bad.jsonl"  # beside the media the good records name
+    good = dataset.read_text().splitlines()[:4]
+    bad.write_text("\n".join([good[0], "{not json", json.dumps({"messages": [{"role": "user", "content": "<image>"}],
+                                                                "images": ["missing.png"]}), good[2]]) + "\n")
+    stream = SampleStream(Mixture([JsonlConversations(bad)], [1.0], seed=0), processor, warn=lambda _: None)
+    samples = [s for _, s in zip(range(8), stream)]
+    assert len(samples) == 8  # 2 good records an epoch: 4 epochs, each with one bad line of each kind
+    assert set(stream.skipped) == {"ConversationError", "UnreadableMediaError"}
+    assert all(3 <= n <= 4 for n in stream.skipped.values())
+
+
+def test_packed_rows_keep_samples_separate_and_resume_exactly(tiny, dataset):
+    model, processor = tiny
+    model.eval()
+    mixture = open_mixture([DatasetSpec(str(dataset))], seed=0)
+    batches = PackedBatches(SampleStream(mixture, processor), processor, budget=1024)
+    batch = next(batches)
+    assert batch.inputs["input_ids"].shape == (1, 1024) and batch.samples >= 3
+    assert batch.padding_waste == pytest.approx(1 - batch.tokens / 1024)
+    positions = batch.inputs["position_ids"][0]
+    starts = (positions == 0).nonzero().flatten().tolist()
+    assert len(starts) == batch.samples + (batch.tokens < 1024)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.inputs.items() if k != "labels"}).logits[0]
+        stream = SampleStream(mixture, processor)
+        for start in starts[:batch.samples]:
+            sample = next(stream).sample
+            alone = processor.collate([sample])
+            alone.pop("labels")
+            torch.testing.assert_close(packed[start:start + len(sample)], model(**alone).logits[0], atol=1e-4, rtol=1e-4)
+    follow = next(batches)
+    resumed = next(PackedBatches(SampleStream(mixture, processor, start=batch.resume_at), processor, budget=1024))
+    assert torch.equal(follow.inputs["input_ids"], resumed.inputs["input_ids"])
+
+
+def test_samples_longer_than_the_budget_fail_or_are_skipped(tiny, dataset):
+    _, processor = tiny
+    mixture = open_mixture([DatasetSpec(str(dataset))], seed=0)
+    with pytest.raises(SampleTooLongError, match="more than the packing budget of 100"):
+        next(PackedBatches(SampleStream(mixture, processor), processor, budget=100))
+    stream = SampleStream(mixture, processor)
+    batches = PackedBatches(stream, processor, budget=200, skip_long=True)  # samples: 74 to 209 tokens
+    assert all(next(batches).tokens <= 200 for _ in range(6))
+    assert stream.skipped["SampleTooLong"] > 0
+
+
+def test_padded_batches(tiny, dataset):
+    _, processor = tiny
+    batch = next(PaddedBatches(SampleStream(open_mixture([DatasetSpec(str(dataset))], 0), processor), processor, 4))
+    assert batch.samples == 4 and batch.inputs["attention_mask"].sum() == batch.tokens
+
+
+# --------------------------------------------------------------------------- the loop
+
+STAGES = [
+    {"name": "align", "components": {"vision_adapter": "full", "audio_adapter": "full"}, "lr": {"default": 3e-3},
+     "steps": 6, "batch_tokens": 1024},
+    {"name": "all", "components": {"vision_tower": "full", "vision_adapter": "full", "audio_adapter": "full",
+                                   "llm": "lora"},
+     "lr": {"default": 3e-3}, "steps": 6, "batch_size": 4, "grad_accum": 2, "eval_every": 3},
+]
+
+
+def test_train_runs_stages_freezes_logs_and_exports(tmp_path, dataset):
+    recipe = write_recipe(tmp_path, dataset, STAGES)
+    data = yaml.safe_load(recipe.read_text())
+    data["evals"] = [{"name": "qa", "path": str(dataset), "limit": 8}, {"name": "qa_loss", "path": str(dataset),
+                                                                         "limit": 8, "metric": "loss"}]
+    recipe.write_text(yaml.safe_dump(data))
+    result = run_cli("train", recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert "vision_adapter  full" in result.stdout and "llm             frozen" in result.stdout
+    records = metrics(run)
+    steps = [r for r in records if "loss" in r]
+    assert [(r["stage"], r["step"]) for r in steps] == [("align", i) for i in range(1, 7)] + [("all", i) for i in range(1, 7)]
+    assert all(0 <= r["padding_waste"] < 1 and r["tokens"] > 0 for r in steps)
+    evals = [r for r in records if "eval" in r]
+    assert [(r["stage"], r["step"]) for r in evals] == [("align", 6), ("all", 3), ("all", 6)]
+    assert (run / "loss.png").stat().st_size > 1000
+    stage_record = json.loads((run / "stages" / "align" / "stage.json").read_text())
+    assert {c["component"]: c["mode"] for c in stage_record["components"]}["llm"] == "frozen"
+    torch.manual_seed(0)
+    initial = OmniModel.from_config(load_config(TINY_MODEL))
+    aligned = OmniModel.from_pretrained(run / "stages" / "align")
+    changed = {name: not torch.equal(p, initial.state_dict()[name]) for name, p in aligned.state_dict().items()}
+    assert all(changed[n] for n in changed if n.startswith(("vision_adapter.", "audio_adapter.")))
+    assert not any(changed[n] for n in changed if n.startswith(("llm.", "vision.", "audio.")))
+    final = OmniModel.from_pretrained(run / "stages" / "all")
+    assert not any("lora_" in n for n in final.state_dict())  # merged into the exported weights
+    assert not torch.equal(final.llm.model.layers[0].self_attn.q_proj.weight,
+                           aligned.llm.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_dry_run_prints_tables_and_budgets(tmp_path, dataset):
+    result = run_cli("train", write_recipe(tmp_path, dataset, STAGES), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "== stage align" in result.stdout and "6 steps, 1,024 tokens a step (packed)" in result.stdout
+    assert "token budget: 6,144 tokens" in result.stdout and not (tmp_path / "run").exists()
+
+
+def _weights(folder: Path) -> dict:
+    return OmniModel.from_pretrained(folder).state_dict()
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, dataset):
+    stages = [dict(STAGES[0], steps=30, lr={"default": 1e-3}), dict(STAGES[1], steps=4)]
+    straight = write_recipe(tmp_path / "a", dataset, stages, checkpoint_every=5)
+    killed = write_recipe(tmp_path / "b", dataset, stages, checkpoint_every=5)
+    process = subprocess.Popen([sys.executable, "-m", "omniforge.cli", "train", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = tmp_path / "b" / "run" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (tmp_path / "b" / "run" / "stages" / "all").exists()  # killed mid-run
+    resumed = run_cli("train", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed stage align at step" in resumed.stdout
+    assert run_cli("train", straight).returncode == 0
+    a, b = _weights(tmp_path / "a" / "run" / "stages" / "all"), _weights(tmp_path / "b" / "run" / "stages" / "all")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, dataset):
+    stage = {"name": "all", "components": {"vision_adapter": "full", "audio_adapter": "full", "llm": "full"},
+             "lr": {"default": 1e-3}, "steps": 4}
+    one = write_recipe(tmp_path / "one", dataset, [dict(stage, batch_size=4)])
+    two = write_recipe(tmp_path / "two", dataset, [dict(stage, batch_size=2)])
+    assert run_cli("train", one).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "omniforge.cli", "train", str(two)]
+    result = subprocess.run(torchrun, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = [r["loss"] for r in metrics(tmp_path / "one" / "run") if "loss" in r]
+    double = [r["loss"] for r in metrics(tmp_path / "two" / "run") if "loss" in r]
+    assert len(single) == len(double) == 4
+    assert single == pytest.approx(double, rel=1e-4, abs=1e-5)
