@@ -7,6 +7,8 @@ exercise the same loading path as siglip-so400m, whisper-large-v3 and Qwen2.5-7B
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -113,10 +115,9 @@ def make_batch(model: OmniModel, samples: list[dict], padding_side: str = "right
     return processor.collate(encoded, padding_side)
 
 
-def write_tiny_dataset(root, records: int = 40) -> "Path":
+def write_tiny_dataset(root, records: int = 40) -> Path:
     """A JSONL file of image / audio / text / image+audio questions with real media files."""
     import json
-    from pathlib import Path
 
     from omniforge.data.media_writers import write_audio
     from omniforge.demo import COLOURS, shape_image, tone
