@@ -99,6 +99,9 @@ class LLMConfig:
     """Tokenizer folder; `llm.path` when None; `byte-level` builds a 256-byte tokenizer."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype of the whole model."""
+    attention: str = "omniforge_sdpa"
+    """Attention kernel: `omniforge_sdpa` (SDPA; packed rows cost sum(n_i^2)), or a transformers
+    one such as `flash_attention_2` (GPU varlen) or `sdpa`."""
 
     def validate(self, key: str) -> None:
         _exactly_one_source(self, key)

@@ -7,6 +7,7 @@ real media (rendered shapes, synthetic tones, text) through the chat processor -
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -49,6 +50,38 @@ def demo_conversations():
     samples.append(([{"role": "user", "content": "What is two plus three?"},
                      {"role": "assistant", "content": "five"}], {}))
     return samples
+
+
+def write_tiny_dataset(root, records: int = 40) -> Path:
+    """A JSONL file of image / audio / text / image+audio questions with real media files."""
+    from omniforge.data.media_writers import write_audio
+
+    root = Path(root)
+    (root / "media").mkdir(parents=True, exist_ok=True)
+    colours = list(COLOURS)
+    for colour in colours:
+        shape_image(colour).save(root / "media" / f"{colour}.png")
+    for pitch, freq in (("high", 2400.0), ("low", 180.0)):
+        write_audio(root / "media" / f"{pitch}.wav", tone(freq))
+    with (root / "data.jsonl").open("w") as f:
+        for i in range(records):
+            colour, pitch = colours[(i // 4) % 4], ("high", "low")[(i // 4) % 2]
+            kind = i % 4
+            if kind == 0:
+                record = {"messages": [{"role": "user", "content": "<image>\nColour?"},
+                                       {"role": "assistant", "content": colour}], "images": [f"media/{colour}.png"]}
+            elif kind == 1:
+                record = {"messages": [{"role": "user", "content": "<audio>\nPitch?"},
+                                       {"role": "assistant", "content": pitch}], "audios": [f"media/{pitch}.wav"]}
+            elif kind == 2:
+                record = {"messages": [{"role": "user", "content": f"{i} plus one?"},
+                                       {"role": "assistant", "content": str(i + 1)}]}
+            else:
+                record = {"messages": [{"role": "user", "content": "<image><audio>\nBoth?"},
+                                       {"role": "assistant", "content": f"{colour} {pitch}"}],
+                          "images": [f"media/{colour}.png"], "audios": [f"media/{pitch}.wav"]}
+            f.write(json.dumps(record) + "\n")
+    return root / "data.jsonl"
 
 
 def run_demo(out: Path, steps: int = 60) -> None:

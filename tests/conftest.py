@@ -7,8 +7,6 @@ exercise the same loading path as siglip-so400m, whisper-large-v3 and Qwen2.5-7B
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -113,38 +111,3 @@ def make_batch(model: OmniModel, samples: list[dict], padding_side: str = "right
             messages.append({"role": "assistant", "content": "ok"})
         encoded.append(processor.encode(messages, media, system="", add_generation_prompt=generation))
     return processor.collate(encoded, padding_side)
-
-
-def write_tiny_dataset(root, records: int = 40) -> Path:
-    """A JSONL file of image / audio / text / image+audio questions with real media files."""
-    import json
-
-    from omniforge.data.media_writers import write_audio
-    from omniforge.demo import COLOURS, shape_image, tone
-
-    root = Path(root)
-    (root / "media").mkdir(parents=True, exist_ok=True)
-    colours = list(COLOURS)
-    for colour in colours:
-        shape_image(colour).save(root / "media" / f"{colour}.png")
-    for pitch, freq in (("high", 2400.0), ("low", 180.0)):
-        write_audio(root / "media" / f"{pitch}.wav", tone(freq))
-    with (root / "data.jsonl").open("w") as f:
-        for i in range(records):
-            colour, pitch = colours[(i // 4) % 4], ("high", "low")[(i // 4) % 2]
-            kind = i % 4
-            if kind == 0:
-                record = {"messages": [{"role": "user", "content": "<image>\nColour?"},
-                                       {"role": "assistant", "content": colour}], "images": [f"media/{colour}.png"]}
-            elif kind == 1:
-                record = {"messages": [{"role": "user", "content": "<audio>\nPitch?"},
-                                       {"role": "assistant", "content": pitch}], "audios": [f"media/{pitch}.wav"]}
-            elif kind == 2:
-                record = {"messages": [{"role": "user", "content": f"{i} plus one?"},
-                                       {"role": "assistant", "content": str(i + 1)}]}
-            else:
-                record = {"messages": [{"role": "user", "content": "<image><audio>\nBoth?"},
-                                       {"role": "assistant", "content": f"{colour} {pitch}"}],
-                          "images": [f"media/{colour}.png"], "audios": [f"media/{pitch}.wav"]}
-            f.write(json.dumps(record) + "\n")
-    return root / "data.jsonl"

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_tiny_dataset
 from omniforge.config import load_config
 from omniforge.data.dataset import JsonlConversations, Mixture, SampleStream, open_mixture
 from omniforge.data.packing import PackedBatches, PaddedBatches, SampleTooLongError
+from omniforge.demo import write_tiny_dataset
 from omniforge.errors import ConfigError
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
@@ -285,12 +285,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, dataset):
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo on Linux")
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, dataset):
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, dataset, kind):
     stage = {"name": "all", "components": {"vision_adapter": "full", "audio_adapter": "full", "llm": "full"},
              "lr": {"default": 1e-3}, "steps": 4}
     one = write_recipe(tmp_path / "one", dataset, [dict(stage, batch_size=4)])
-    two = write_recipe(tmp_path / "two", dataset, [dict(stage, batch_size=2)])
+    two = write_recipe(tmp_path / "two", dataset, [dict(stage, batch_size=2)], distributed=kind)
     assert run_cli("train", one).returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "omniforge.cli", "train", str(two)]
@@ -301,3 +301,24 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     double = [r["loss"] for r in metrics(tmp_path / "two" / "run") if "loss" in r]
     assert len(single) == len(double) == 4
     assert single == pytest.approx(double, rel=1e-4, abs=1e-5)
+    a, b = _weights(tmp_path / "one" / "run" / "stages" / "all"), _weights(tmp_path / "two" / "run" / "stages" / "all")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_gradients_equal_the_sum_over_separate_samples(dataset):
+    torch.manual_seed(0)
+    model = OmniModel.from_config(load_config(TINY_MODEL)).train()
+    processor = OmniProcessor.from_model(model)
+    stream = SampleStream(open_mixture([DatasetSpec(str(dataset))], seed=0), processor)
+    batch = next(PackedBatches(stream, processor, budget=640))
+    labelled = batch.labelled
+    model(**batch.inputs, num_items_in_batch=labelled).loss.backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    stream = SampleStream(open_mixture([DatasetSpec(str(dataset))], seed=0), processor)
+    for _ in range(batch.samples):
+        model(**processor.collate([next(stream).sample]), num_items_in_batch=labelled).loss.backward()
+    assert packed.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad in packed.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-3)

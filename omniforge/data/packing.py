@@ -116,21 +116,30 @@ class PaddedBatches:
 def collate_packed(rows: list[list[Encoded]], pad_id: int, budget: int) -> dict[str, torch.Tensor]:
     """(rows, budget) input_ids / labels / position_ids (restarting per sample) and the media.
 
-    No attention_mask: the restarts in position_ids define the blocks; the padding tail is
-    a block of its own with no labels.
+    No attention_mask: the restarts in position_ids define the blocks (transformers builds the
+    block-diagonal mask from them), and cu_seq_lens_q/k give the same boundaries over the
+    flattened batch for variable-length kernels. The padding tail is a block of its own with
+    no labels.
     """
     ids = torch.full((len(rows), budget), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE)
     positions = torch.zeros_like(ids)
+    bounds = [0]
     for r, row in enumerate(rows):
         offset = 0
         for sample in row:
             n = len(sample)
+            bounds.append(r * budget + offset + n)
             ids[r, offset:offset + n] = torch.tensor(sample.input_ids)
             labels[r, offset:offset + n] = torch.tensor(sample.labels)
             labels[r, offset] = IGNORE  # never a target of the previous sample's last token
             positions[r, offset:offset + n] = torch.arange(n)
             offset += n
         positions[r, offset:] = torch.arange(budget - offset)
+        if offset < budget:
+            bounds.append((r + 1) * budget)
     media = collate_media([item for row in rows for sample in row for item in sample.media])
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, **media}
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, **media,
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

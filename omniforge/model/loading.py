@@ -42,20 +42,26 @@ def hf_config(path: str | None, arch: dict[str, Any] | None, key: str):
         raise ConfigError(f"{key}.arch: {e}") from None
 
 
-def load_llm(path: str | None, arch: dict[str, Any] | None, dtype: torch.dtype, weights: bool = True) -> nn.Module:
+def load_llm(path: str | None, arch: dict[str, Any] | None, dtype: torch.dtype, attention: str,
+             weights: bool = True) -> nn.Module:
     """Any `AutoModelForCausalLM`, from a local folder or randomly initialised from `arch`.
 
-    weights=False builds the architecture only (e.g. on the meta device, to count parameters).
+    attention: a `transformers` attention implementation, or `omniforge_sdpa` (SDPA that runs
+    packed rows sample by sample). weights=False builds the architecture only (e.g. on the
+    meta device, to count parameters).
     """
     from transformers import AutoModelForCausalLM
 
+    from omniforge.model import attention as packed
+
+    if attention == packed.NAME:
+        packed.register()
     if path is not None and weights:
         return AutoModelForCausalLM.from_pretrained(
-            hf_folder(path, "llm.path"), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+            hf_folder(path, "llm.path"), dtype=dtype, local_files_only=True, attn_implementation=attention
         )
     config = hf_config(path, arch, "llm")
-    config._attn_implementation = "sdpa"
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
 
 
 def build_tower(model_cls: type[nn.Module] | None, config: Any, path: str | None, dtype: torch.dtype,

@@ -21,6 +21,7 @@ from torch import nn
 
 from omniforge.config import OmniConfig, load_config, save_config
 from omniforge.errors import CheckpointError, PlaceholderCountError
+from omniforge.model.attention import PACKED_KEYS
 from omniforge.model.audio import AudioEncoder
 from omniforge.model.loading import load_llm
 from omniforge.model.projector import MLPAdapter
@@ -69,7 +70,7 @@ class OmniModel(nn.Module):
         """
         dtype = getattr(torch, config.llm.dtype)
         tokenizer = load_tokenizer(config.llm, config.tokens)
-        llm = load_llm(config.llm.path, config.llm.arch, dtype, weights)
+        llm = load_llm(config.llm.path, config.llm.arch, dtype, config.llm.attention, weights)
         vision = VisionEncoder.from_config(config.vision, dtype, weights) if config.vision else None
         audio = AudioEncoder.from_config(config.audio, dtype, weights) if config.audio else None
         return cls(config, llm, tokenizer, vision=vision, audio=audio)
@@ -93,28 +94,32 @@ class OmniModel(nn.Module):
         model.load_state_dict(adapters, strict=False)
         return model
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write weights (safetensors, one HF folder per part), config and tokenizer, atomically.
 
         The folder appears whole or not at all: everything is written beside it, then renamed.
         `llm/` is a plain Hugging Face causal-LM folder (with the extended tokenizer).
+        state_dict: the full weights to write instead of this module's own (e.g. gathered
+        from FSDP shards).
         """
         from safetensors.torch import save_file
 
+        state = self.state_dict() if state_dict is None else state_dict
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.llm.save_pretrained(tmp / "llm")
+        self.llm.save_pretrained(tmp / "llm", state_dict=_part(state, "llm."))
         self.tokenizer.save_pretrained(tmp / "llm")
-        for name, module, part in (("vision", self.vision, self.config.vision), ("audio", self.audio, self.config.audio)):
+        for name, module, part, prefix in (("vision", self.vision, self.config.vision, "vision.tower."),
+                                           ("audio", self.audio, self.config.audio, "audio.encoder.")):
             if module is None:
                 continue
             tower = module.tower if name == "vision" else module.encoder
-            tower.save_pretrained(tmp / name)
+            tower.save_pretrained(tmp / name, state_dict=_part(state, prefix))
             if part.path and (Path(part.path) / PREPROCESSOR_FILE).is_file():
                 shutil.copy(Path(part.path) / PREPROCESSOR_FILE, tmp / name / PREPROCESSOR_FILE)
-        adapters = {k: v.contiguous() for k, v in self.state_dict().items() if k.split(".")[0].endswith("_adapter")}
+        adapters = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".")[0].endswith("_adapter")}
         save_file(adapters, tmp / ADAPTERS_FILE)
         save_config(_with_part_folders(self.config, None), tmp / CONFIG_FILE)
         _replace_dir(tmp, folder)
@@ -164,16 +169,20 @@ class OmniModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                num_items_in_batch: float | None = None, **media):
+                num_items_in_batch: float | None = None, **inputs):
         """Logits (B, L, V) and, given labels (B, L; -100 = no loss), the next-token loss.
 
         Packed rows pass position_ids restarting at 0 per sample and no attention_mask: the
         LLM then attends within each sample only. num_items_in_batch: divide the summed token
         losses by this (the labelled tokens of a whole optimizer step) instead of taking the
-        mean. media: the keyword arguments of `embed`. Returns the LLM's `CausalLMOutputWithPast`.
+        mean. inputs: the media keyword arguments of `embed`, and for packed rows the sample
+        boundaries (`cu_seq_lens_q` ..., see `omniforge.model.attention`). Returns the LLM's
+        `CausalLMOutputWithPast`.
         """
-        embeds = self.embed(input_ids, **media)
-        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        extra = {key: inputs.pop(key) for key in PACKED_KEYS if key in inputs}
+        if num_items_in_batch is not None:
+            extra["num_items_in_batch"] = num_items_in_batch
+        embeds = self.embed(input_ids, **inputs)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         labels=labels, use_cache=False, **extra)
 
@@ -210,6 +219,10 @@ def _adapter(encoder, adapter, config, hidden, dtype):
     if encoder is None or adapter is not None:
         return adapter
     return MLPAdapter(encoder.hidden_size, hidden, config.num_layers, config.hidden_size).to(dtype)
+
+
+def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _with_part_folders(config: OmniConfig, folder: Path | None) -> OmniConfig:

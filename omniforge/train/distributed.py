@@ -42,8 +42,11 @@ class Distributed:
         return self.rank == 0
 
     def wrap(self, model: nn.Module, kind: str) -> nn.Module:
-        """DDP replica, or FSDP2 shards (each LLM decoder layer, then the rest), or the model itself."""
+        """DDP replica (per stage: it hooks the parameters that train), or FSDP2 shards (each LLM
+        decoder layer, then the rest; once per run, frozen parameters stay sharded), or the model."""
         if self.world == 1:
+            return model
+        if self.kind == "fsdp":
             return model
         self.kind = kind
         if kind == "ddp":
@@ -85,6 +88,14 @@ class Distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if self.kind != "fsdp":
+            model.load_state_dict(state, strict=True)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
     def full_optimizer_state(self, model: nn.Module, optimizer) -> dict:
         if self.kind != "fsdp":

@@ -28,6 +28,7 @@ import torch
 
 from omniforge.data.dataset import SampleStream, open_mixture
 from omniforge.data.packing import MicroBatch, PackedBatches, PaddedBatches
+from omniforge.errors import ConfigError
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
 from omniforge.train.components import configure_stage, format_table, merge_lora, param_groups
@@ -70,13 +71,16 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
               evaluator: Evaluator | None, dist: Distributed, log: "_Log", state: dict | None) -> Path:
     settings = recipe.train
     out = Path(settings.out_dir)
+    if dist.world > 1 and settings.distributed == "fsdp" and "lora" in stage.components.values():
+        raise ConfigError(f"stages.{stage.name}: LoRA cannot be injected into FSDP shards; "
+                          "use train.distributed=ddp for LoRA stages")
     rows = configure_stage(model, stage, settings.lora)
-    if state is not None:  # the checkpoint holds the weights of this stage's architecture (LoRA included)
-        _load_weights(model, state["folder"])
-    model.run_all_encoders = dist.world > 1
     if settings.activation_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.run_all_encoders = dist.world > 1
     wrapped = dist.wrap(model, settings.distributed)
+    if state is not None:  # the checkpoint holds the weights of this stage's architecture (LoRA included)
+        dist.load_model_state(model, torch.load(Path(state["folder"]) / "model.pt", weights_only=True))
     optimizer = torch.optim.AdamW(param_groups(model, stage, settings.weight_decay), betas=(0.9, 0.95))
     mixture = open_mixture(stage.data, settings.seed)
     steps = stage.steps or _steps_for_epochs(stage, mixture, processor, dist.world)
@@ -108,7 +112,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
         labelled = dist.sum(sum(m.labelled for m in micro))
         loss_sum = 0.0
         for i, batch in enumerate(micro):
-            inputs = {k: v.to(dist.device) for k, v in batch.inputs.items()}
+            inputs = {k: v.to(dist.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
             with dist.no_sync(wrapped, last=i == len(micro) - 1), autocast:
                 # HF divides the summed token losses by this: the whole step's labelled tokens
                 # per process, so that the data-parallel gradient average is the global mean
@@ -136,8 +140,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
     for parameter in model.parameters():
         parameter.requires_grad = False
     export = out / STAGES / stage.name
+    weights = dist.full_state_dict(model)  # collective under FSDP
     if dist.is_main:
-        model.save_pretrained(export)
+        model.save_pretrained(export, state_dict=weights)
         record = {"stage": asdict(stage), "components": [asdict(r) for r in rows], "steps": steps,
                   "skipped_samples": dict(stream.skipped)}
         (export / "stage.json").write_text(json.dumps(record, indent=2))
@@ -243,10 +248,6 @@ def _latest_checkpoint(out: Path) -> dict | None:
     state = torch.load(folder / "state.pt", weights_only=False)
     state["folder"] = str(folder)
     return state
-
-
-def _load_weights(model: OmniModel, folder: str) -> None:
-    model.load_state_dict(torch.load(Path(folder) / "model.pt", weights_only=True), strict=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:
