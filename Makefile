@@ -24,6 +24,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/media.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
