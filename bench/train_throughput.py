@@ -22,11 +22,12 @@ import omniforge  # noqa: F401
 from omniforge.config import load_config
 from omniforge.data.dataset import SampleStream, open_mixture
 from omniforge.data.packing import PackedBatches, PaddedBatches
-from omniforge.demo import TINY_MODEL, write_tiny_dataset
+from omniforge.data.synthetic.toy import write_toy_dataset
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
 from omniforge.train.recipe import DatasetSpec
 
+TINY_MODEL = Path(__file__).resolve().parents[1] / "recipes" / "models" / "tiny.yaml"
 BUDGET = 2048
 STEPS = 12
 
@@ -72,7 +73,7 @@ def main() -> None:
     model = OmniModel.from_config(load_config(TINY_MODEL)).train()
     processor = OmniProcessor.from_model(model)
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_tiny_dataset(Path(tmp), records=200)
+        data = write_toy_dataset(Path(tmp), records=200)
         mixture = open_mixture([DatasetSpec(str(data))], seed=0)
         packed = PackedBatches(SampleStream(mixture, processor), processor, BUDGET)
         probe = [next(packed) for _ in range(8)]

@@ -1,4 +1,4 @@
-"""The `omniforge` command: demo | train | tokens."""
+"""The `omniforge` command: demo | synth | train | eval | tokens."""
 
 from __future__ import annotations
 
@@ -20,15 +20,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omniforge", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="build a tiny omni model, train it briefly, save, reload, generate")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the checkpoint")
-    demo.add_argument("--steps", type=int, default=60, help="training steps")
+    demo = commands.add_parser("demo", help="synthesise a world, train every stage, score every modality, report")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for world, run, checkpoint, report")
+    demo.add_argument("--quick", action="store_true", help="small world, 1/8 of the steps (~3 minutes)")
+    demo.add_argument("--seed", type=int, default=0)
+
+    synth = commands.add_parser("synth", help="write the synthetic multimodal world (JSONL + media + tokenizer)")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--quick", action="store_true", help="about a sixth of the records")
 
     train = commands.add_parser("train", help="run a recipe's stages (key=value overrides after the recipe)")
     train.add_argument("recipe", type=Path)
     train.add_argument("--stage", default=None, help="run only this stage (starting from the previous one's export)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     train.add_argument("--dry-run", action="store_true", help="validate, print the stage tables and token budgets")
+
+    from omniforge.eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(commands)
 
     tokens = commands.add_parser("tokens", help="what the model sees of each media file, and its token cost")
     tokens.add_argument("files", nargs="+", type=Path)
@@ -37,11 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     tokens.add_argument("--json", action="store_true", help="one JSON object per file")
 
     args, overrides = parser.parse_known_args(argv)
+    if overrides and args.command not in ("train", "tokens"):  # only these take key=value overrides
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     try:
         if args.command == "demo":
             from omniforge.demo import run_demo
 
-            run_demo(args.out, args.steps)
+            run_demo(args.out, quick=args.quick, seed=args.seed)
+        elif args.command == "synth":
+            from omniforge.data.synthetic.world import WorldSize, synthesize_world
+
+            synthesize_world(args.out, args.seed, WorldSize.quick() if args.quick else WorldSize())
+        elif args.command == "eval":
+            from omniforge.eval.cli import run as run_eval
+
+            return run_eval(args)
         elif args.command == "train":
             return train_command(args, overrides)
         elif args.command == "tokens":  # key=value words among the files are config overrides

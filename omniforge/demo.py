@@ -1,131 +1,206 @@
-"""`omniforge demo`: the whole model path on a tiny omni model, in seconds, on a CPU.
+"""`omniforge demo` (= `make demo`): the embedded default, end to end, on a CPU.
 
-Build the tiny preset (SigLIP + Whisper + Qwen2 parts, random init) -> encode a mixed batch of
-real media (rendered shapes, synthetic tones, text) through the chat processor -> train on it
--> save a checkpoint, reload it, check the logits are identical -> stream an answer.
+synthesise the world -> train every stage of `recipes/tiny.yaml` -> after each stage, score
+every modality on the held-out test split -> a report folder (markdown, JSON, plots) with
+PocketSphinx's WER on the same ASR audio beside ours -> two example answers.
+
+    omniforge demo --out runs/demo            # ~15 minutes on 2 cores
+    omniforge demo --out runs/demo --quick    # the same path, small world and few steps (~3 minutes)
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from omniforge.data.synthetic.world import WorldSize, synthesize_world
+from omniforge.train.recipe import load_recipe
 
-from omniforge.config import load_config
-from omniforge.model.generate import GenerationConfig, stream
-from omniforge.model.omni import OmniModel
-from omniforge.processing.chat import OmniProcessor
+TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+QUICK_STEPS = 1 / 8
+"""--quick trains this fraction of each stage's steps."""
+EVAL_BATCH = 32
+MAX_NEW_TOKENS = 32
+"""Longest answer the world asks for (a transcript) is ~20 tokens."""
 
-TINY_MODEL = Path(__file__).resolve().parents[1] / "recipes" / "models" / "tiny.yaml"
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-
-
-def shape_image(colour: str, size: int = 96):
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (size, size), (245, 245, 245))
-    ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=COLOURS[colour])
-    return image
-
-
-def tone(freq: float, seconds: float = 1.5) -> np.ndarray:
-    t = np.arange(int(seconds * 16_000)) / 16_000
-    return (0.4 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-
-
-def demo_conversations():
-    """Eight mixed samples: image questions, audio questions, image+audio, text."""
-    samples = [([{"role": "user", "content": "<image>\nWhat colour is the shape?"},
-                 {"role": "assistant", "content": colour}], {"image": [shape_image(colour)]})
-               for colour in COLOURS]
-    samples += [([{"role": "user", "content": "<audio>\nIs the tone high or low?"},
-                  {"role": "assistant", "content": pitch}], {"audio": [tone(freq)]})
-                for pitch, freq in (("high", 2400.0), ("low", 180.0))]
-    samples.append(([{"role": "user", "content": "<image><audio>\nColour, then pitch?"},
-                     {"role": "assistant", "content": "blue, low"}],
-                    {"image": [shape_image("blue")], "audio": [tone(180.0)]}))
-    samples.append(([{"role": "user", "content": "What is two plus three?"},
-                     {"role": "assistant", "content": "five"}], {}))
-    return samples
+COLUMNS = [  # (heading, task, metric, format)
+    ("image QA", "image_qa", "exact_match", "pct"),
+    ("OCR", "ocr", "exact_match", "pct"),
+    ("hi-res OCR", "hires", "exact_match", "pct"),
+    ("video QA", "video_qa", "exact_match", "pct"),
+    ("ASR WER", "asr", "wer", "pct"),
+    ("translation BLEU", "translation", "bleu", "num"),
+    ("spoken QA", "spoken_qa", "exact_match", "pct"),
+    ("spoken/text agree", "consistency", "consistency", "pct"),
+    ("background rejected", "background", "rejection", "pct"),
+    ("queries ignored", "background", "false_rejection", "pct"),
+    ("text QA", "text_qa", "exact_match", "pct"),
+]
 
 
-def write_tiny_dataset(root, records: int = 40) -> Path:
-    """A JSONL file of image / audio / text / image+audio questions with real media files."""
-    from omniforge.data.media_writers import write_audio
+def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
+    """Run everything; returns the report (also written to `out/report.json`)."""
+    from omniforge.eval.readers import TaskSpec, load_tasks
+    from omniforge.eval.runner import evaluate
+    from omniforge.train.loop import train
 
-    root = Path(root)
-    (root / "media").mkdir(parents=True, exist_ok=True)
-    colours = list(COLOURS)
-    for colour in colours:
-        shape_image(colour).save(root / "media" / f"{colour}.png")
-    for pitch, freq in (("high", 2400.0), ("low", 180.0)):
-        write_audio(root / "media" / f"{pitch}.wav", tone(freq))
-    with (root / "data.jsonl").open("w") as f:
-        for i in range(records):
-            colour, pitch = colours[(i // 4) % 4], ("high", "low")[(i // 4) % 2]
-            kind = i % 4
-            if kind == 0:
-                record = {"messages": [{"role": "user", "content": "<image>\nColour?"},
-                                       {"role": "assistant", "content": colour}], "images": [f"media/{colour}.png"]}
-            elif kind == 1:
-                record = {"messages": [{"role": "user", "content": "<audio>\nPitch?"},
-                                       {"role": "assistant", "content": pitch}], "audios": [f"media/{pitch}.wav"]}
-            elif kind == 2:
-                record = {"messages": [{"role": "user", "content": f"{i} plus one?"},
-                                       {"role": "assistant", "content": str(i + 1)}]}
-            else:
-                record = {"messages": [{"role": "user", "content": "<image><audio>\nBoth?"},
-                                       {"role": "assistant", "content": f"{colour} {pitch}"}],
-                          "images": [f"media/{colour}.png"], "audios": [f"media/{pitch}.wav"]}
-            f.write(json.dumps(record) + "\n")
-    return root / "data.jsonl"
+    started = time.perf_counter()
+    out = Path(out)
+    world = out / "world"
+    print(f"== synthesising the world ({'quick' if quick else 'full'}, seed {seed}) -> {world}")
+    synthesize_world(world, seed, WorldSize.quick() if quick else WorldSize())
+    timings = {"synthesis": time.perf_counter() - started}
+    recipe = load_recipe(TINY_RECIPE, [f"data_dir={world.resolve()}", f"train.out_dir={out / 'train'}",
+                                       f"train.seed={seed}"])
+    if quick:
+        for stage in recipe.stages:
+            stage.steps = max(8, round(stage.steps * QUICK_STEPS))
+            stage.warmup_steps = min(stage.warmup_steps, stage.steps // 4)
+    limit = WorldSize.quick().eval_size if quick else WorldSize().eval_size
+    rows: list[dict] = []
+
+    def after_stage(stage, model, export) -> None:
+        tick = time.perf_counter()
+        tasks = load_tasks(TaskSpec("synth", "synth", world / "test"), limit=limit)
+        results = evaluate(model, tasks, out / "eval" / stage.name, batch_size=EVAL_BATCH,
+                           max_new_tokens=MAX_NEW_TOKENS, progress=False)
+        scores = {r.task.split("/", 1)[1]: r.metrics for r in results}
+        rows.append({"stage": stage.name, "scores": scores})
+        print(f"\n== scores on the test split after {stage.name} ({time.perf_counter() - tick:.0f} s)")
+        print(format_table(rows))
+
+    tick = time.perf_counter()
+    final = train(recipe, on_stage_end=after_stage)
+    timings["training_and_evaluation"] = time.perf_counter() - tick
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    shutil.copytree(final, out / "checkpoint")
+
+    tick = time.perf_counter()
+    peer = pocketsphinx_wer(world / "test" / "asr.jsonl", limit)
+    timings["pocketsphinx"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - started
+    report = {"quick": quick, "seed": seed, "stages": rows, "pocketsphinx": peer,
+              "examples": examples(out / "checkpoint", world / "test"), "timings_seconds": timings,
+              "recipe": str(TINY_RECIPE), "checkpoint": str(out / "checkpoint")}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_report(out, report)
+    print(f"\nASR on the same {peer['utterances']} test utterances: ours {pct(final_score(rows, 'asr', 'wer'))} WER, "
+          f"PocketSphinx (its own English model) {pct(peer['wer'])} WER")
+    for example in report["examples"]:
+        print(f"\n{example['what']}\n  Q: {example['question']}\n  A: {example['answer']}   (reference: {example['reference']})")
+    print(f"\nreport: {out / 'report.md'}  figures: {out / 'report.json'}  checkpoint: {out / 'checkpoint'}  "
+          f"({timings['total'] / 60:.1f} min)")
+    return report
 
 
-def run_demo(out: Path, steps: int = 60) -> None:
-    torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = OmniModel.from_config(load_config(TINY_MODEL))
+def format_table(rows: list[dict]) -> str:
+    """The per-stage, per-modality table (rows: stages; columns: `COLUMNS`)."""
+    headings = ["after stage"] + [c[0] for c in COLUMNS]
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    for row in rows:
+        cells = [row["stage"]]
+        for _, task, metric, kind in COLUMNS:
+            value = row["scores"].get(task, {}).get(metric)
+            cells.append("-" if value is None else pct(value) if kind == "pct" else f"{value:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def final_score(rows: list[dict], task: str, metric: str) -> float | None:
+    return rows[-1]["scores"].get(task, {}).get(metric) if rows else None
+
+
+def pocketsphinx_wer(asr_file: Path, limit: int) -> dict:
+    """PocketSphinx's corpus WER on the first `limit` ASR test utterances (the ones we are scored on)."""
+    from omniforge.eval.metrics import wer
+    from omniforge.eval.pocketsphinx_peer import available, transcribe
+    from omniforge.processing.audio import load_audio
+
+    if not available():
+        return {"wer": None, "utterances": 0, "note": "pocketsphinx is not installed"}
+    records = [json.loads(line) for line in asr_file.read_text().splitlines()[:limit]]
+    hypotheses = [transcribe(load_audio(asr_file.parent / r["audios"][0])) for r in records]
+    references = [r["messages"][-1]["content"] for r in records]
+    return {"wer": wer(hypotheses, references), "utterances": len(records),
+            "samples": [{"reference": r, "pocketsphinx": h} for r, h in list(zip(references, hypotheses))[:5]]}
+
+
+def examples(checkpoint: Path, test: Path) -> list[dict]:
+    """Two answers of the final model: a question about an image, and one asked aloud."""
+    from omniforge.model.generate import GenerationConfig, generate
+    from omniforge.model.omni import OmniModel
+    from omniforge.processing.chat import OmniProcessor
+
+    model = OmniModel.from_pretrained(checkpoint).eval()
     processor = OmniProcessor.from_model(model)
-    print("tiny omni model")
-    for name in ("vision", "vision_adapter", "audio", "audio_adapter", "llm"):
-        print(f"  {name:15s} {sum(p.numel() for p in getattr(model, name).parameters()) / 1e6:6.2f} M params")
-    encoded = [processor.encode(messages, media) for messages, media in demo_conversations()]
-    batch = processor.collate(encoded)
-    labelled = int((batch["labels"] != -100).sum())
-    print(f"batch: {len(encoded)} samples, {batch['input_ids'].numel()} tokens ({labelled} labelled), "
-          f"{len(batch['pixel_values'])} image tiles, {len(batch['audio_valid_frames'])} audio windows")
-
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step == 1 or step % 10 == 0 or step == steps:
-            print(f"  step {step:3d}  loss {loss.item():.4f}")
-    elapsed = time.perf_counter() - start
-    print(f"trained {steps} steps in {elapsed:.1f} s ({elapsed / steps * 1000:.0f} ms a step of 8 samples)")
-
-    model.eval()
-    model.save_pretrained(out / "checkpoint")
-    reloaded = OmniModel.from_pretrained(out / "checkpoint").eval()
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
-        same = torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
-    print(f"saved to {out / 'checkpoint'}; reloaded logits identical: {same}")
-
-    for messages, media in demo_conversations()[2:5]:
-        prompt = processor.encode(messages[:1], media, add_generation_prompt=True)
-        question = messages[0]["content"].split("\n")[-1]
-        print(f"Q: {question}  ->  A: ", end="", flush=True)
+    picked = [("an image question, as text", "image_qa.jsonl", 0), ("a question asked aloud about an image",
+                                                                  "spoken_qa.jsonl", 0)]
+    out = []
+    for what, file, index in picked:
+        record = json.loads((test / file).read_text().splitlines()[index])
+        media = {m: [str(test / p) for p in record.get(m + "s", [])] for m in ("image", "video", "audio")}
+        prompt = processor.encode(record["messages"][:-1], media, add_generation_prompt=True)
         inputs = processor.collate([prompt], padding_side="left")
         inputs.pop("labels")
-        for deltas in stream(reloaded, config=GenerationConfig(max_new_tokens=16), **inputs):
-            print(deltas[0], end="", flush=True)
-        print(f"   (expected: {messages[1]['content']})")
+        answer = generate(model, config=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS), **inputs)[0].text
+        question = record["messages"][0]["content"].replace("\n", " ")
+        if media["audio"]:
+            question += f"  [spoken: {Path(media['audio'][0]).name}]"
+        out.append({"what": what, "question": question, "answer": answer,
+                    "reference": record["messages"][-1]["content"], "media": media})
+    return out
+
+
+def write_report(out: Path, report: dict) -> None:
+    """`out/report.md` with the table, the plots (loss, scores by stage), the peer and the examples."""
+    plot_scores(report["stages"], out / "scores_by_stage.png")
+    shutil.copy(out / "train" / "loss.png", out / "loss.png")
+    peer = report["pocketsphinx"]
+    lines = [
+        "# omniforge demo report", "",
+        f"{'Quick' if report['quick'] else 'Full'} run, seed {report['seed']}, recipe `{report['recipe']}`; "
+        f"{report['timings_seconds']['total'] / 60:.1f} minutes in all.", "",
+        "## Per-modality scores on the held-out test split, after every stage", "",
+        format_table(report["stages"]), "",
+        "Test data uses voices, speaking rates and (colour, shape) pairs never seen in training.", "",
+        "![scores by stage](scores_by_stage.png)", "", "![training loss](loss.png)", "",
+        "## A real peer on the same audio", "",
+        f"PocketSphinx (general-purpose English model shipped in its wheel) on the same "
+        f"{peer['utterances']} test utterances: WER {pct(peer['wer'])}; ours after the last stage: "
+        f"{pct(final_score(report['stages'], 'asr', 'wer'))}.", "",
+        "## Example answers", "",
+    ]
+    for example in report["examples"]:
+        lines += [f"- {example['what']}: *{example['question']}* -> **{example['answer']}** "
+                  f"(reference: {example['reference']})"]
+    lines += ["", "## Time", ""] + [f"- {k}: {v:.0f} s" for k, v in report["timings_seconds"].items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_scores(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    stages = [r["stage"] for r in rows]
+    for heading, task, metric, kind in COLUMNS:
+        if kind != "pct":
+            continue
+        values = [r["scores"].get(task, {}).get(metric) for r in rows]
+        if any(v is not None for v in values):
+            axis.plot(stages, [None if v is None else 100 * v for v in values], marker="o", label=heading)
+    axis.set_ylabel("% (WER and 'queries ignored': lower is better)")
+    axis.set_ylim(-2, 102)
+    axis.legend(fontsize=7, ncol=3)
+    axis.tick_params(axis="x", labelsize=7, rotation=15)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -15,7 +15,7 @@ import yaml
 from omniforge.config import load_config
 from omniforge.data.dataset import JsonlConversations, Mixture, SampleStream, open_mixture
 from omniforge.data.packing import PackedBatches, PaddedBatches, SampleTooLongError
-from omniforge.demo import write_tiny_dataset
+from omniforge.data.synthetic.toy import write_toy_dataset
 from omniforge.errors import ConfigError
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
@@ -28,7 +28,7 @@ TINY_MODEL = str(REPO / "recipes" / "models" / "tiny.yaml")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_tiny_dataset(tmp_path_factory.mktemp("data"))
+    return write_toy_dataset(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

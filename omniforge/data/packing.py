@@ -143,3 +143,37 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int, budget: int) -> dict[
     longest = int((cu[1:] - cu[:-1]).max())
     return {"input_ids": ids, "labels": labels, "position_ids": positions, **media,
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+class Prefetch:
+    """Builds the next micro-batches in a background thread while the model trains on this one.
+
+    Decoding images, video and audio releases the GIL, so it overlaps with the step. Errors
+    raised while building a batch surface on the consumer's `next()`.
+    """
+
+    def __init__(self, batches, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._fill, args=(batches,), daemon=True)
+        self._thread.start()
+
+    def _fill(self, batches) -> None:
+        try:
+            for batch in batches:
+                self._queue.put(batch)
+            self._queue.put(StopIteration())
+        except BaseException as e:  # noqa: BLE001  (re-raised in the consumer)
+            self._queue.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> MicroBatch:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._queue.put(item)  # later calls see the same end
+            raise item
+        return item

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import re
-import string
-
 import torch
 
 from omniforge.data.dataset import JsonlConversations
 from omniforge.errors import OmniforgeError
+from omniforge.eval.metrics import normalize_answer
 from omniforge.model.generate import GenerationConfig, generate
 from omniforge.processing.chat import OmniProcessor
 from omniforge.train.recipe import EvalSpec
 
 BATCH = 16
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation and articles, collapse whitespace (SQuAD-style)."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
 
 
 class Evaluator:

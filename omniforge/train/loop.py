@@ -22,12 +22,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from omniforge.data.dataset import SampleStream, open_mixture
-from omniforge.data.packing import MicroBatch, PackedBatches, PaddedBatches
+from omniforge.data.packing import MicroBatch, PackedBatches, PaddedBatches, Prefetch
 from omniforge.errors import ConfigError
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
@@ -39,8 +40,13 @@ from omniforge.train.recipe import Recipe, StageConfig
 CHECKPOINTS, STAGES = "checkpoints", "stages"
 
 
-def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False) -> Path:
-    """Run the recipe (or one stage of it); returns the folder of the last exported stage."""
+def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False,
+          on_stage_end: Callable[[StageConfig, OmniModel, Path], None] | None = None) -> Path:
+    """Run the recipe (or one stage of it); returns the folder of the last exported stage.
+
+    on_stage_end(stage, model, export_folder) runs on the main process after each stage's
+    export (e.g. the demo's per-modality evaluation).
+    """
     dist = Distributed.from_environment()
     out = Path(recipe.train.out_dir)
     log = _Log(out, dist.is_main)
@@ -63,6 +69,9 @@ def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False) -
         export = run_stage(recipe, stage, model, processor, evaluator, dist, log,
                            state if state is not None and state["stage"] == stage.name else None)
         state = None
+        if on_stage_end is not None and dist.is_main:
+            on_stage_end(stage, model, export)
+        dist.barrier()
     dist.close()
     return export
 
@@ -93,8 +102,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
         _set_rng(state["ranks"][dist.rank]["rng"])
         log.print(f"resumed stage {stage.name} at step {start_step} (stream position {position})")
     stream = SampleStream(mixture, processor, start=position, rank=dist.rank, world=dist.world, warn=log.print)
-    batches = (PackedBatches(stream, processor, stage.batch_tokens, skip_long=settings.skip_long_samples)
-               if stage.batch_tokens else PaddedBatches(stream, processor, stage.batch_size))
+    batches = Prefetch(PackedBatches(stream, processor, stage.batch_tokens, skip_long=settings.skip_long_samples)
+                       if stage.batch_tokens else PaddedBatches(stream, processor, stage.batch_size))
     log.print(f"\n== stage {stage.name}: {steps} steps x {stage.grad_accum} micro-batches x {dist.world} "
               f"process(es) of {_batch_words(stage)}\n{format_table(rows)}")
 

@@ -154,6 +154,8 @@ class Recipe:
     stages: list[StageConfig]
     train: TrainConfig = field(default_factory=TrainConfig)
     evals: list[EvalSpec] = field(default_factory=list)
+    data_dir: str | None = None
+    """Folder that relative data, eval and tokenizer paths resolve against (default: the recipe's)."""
 
     def validate(self, key: str) -> None:
         names = [s.name for s in self.stages]
@@ -193,15 +195,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         recipe = from_dict(Recipe, _dicts_as_lists(data))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    for stage in recipe.stages:
-        for spec in stage.data:
-            spec.path = str(_resolve(spec.path, path.parent))
-    for spec in recipe.evals:
-        spec.path = str(_resolve(spec.path, path.parent))
+    base = _resolve(recipe.data_dir, path.parent) if recipe.data_dir else path.parent
+    for spec in [d for stage in recipe.stages for d in stage.data] + recipe.evals:
+        spec.path = str(_resolve(spec.path, base))
+    tokenizer = recipe.model.llm.tokenizer
+    if tokenizer and tokenizer != "byte-level" and not Path(tokenizer).is_absolute():
+        recipe.model.llm.tokenizer = str(base / tokenizer)  # e.g. the synthetic world's own BPE
     return recipe
 
 
-def _resolve(p: str, base: Path) -> Path:
+def _resolve(p: str | Path, base: Path) -> Path:
     return Path(p) if Path(p).is_absolute() else base / p
 
 

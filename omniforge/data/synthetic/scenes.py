@@ -1,0 +1,142 @@
+"""The visual side of the synthetic world: shapes, scenes, rendered words, moving-object clips.
+
+Everything is drawn with Pillow from a seeded generator, so a seed fixes every pixel. Some
+(colour, shape) pairs are held out of training and used only by the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (50, 80, 230), "yellow": (235, 205, 30),
+           "purple": (150, 60, 190), "orange": (240, 130, 20)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+WORDS = ("cat", "dog", "sun", "map", "box", "cup", "hat", "pen", "bus", "fox", "egg", "key",
+         "owl", "jam", "net", "toy", "bag", "car", "ink", "log")
+HELD_OUT = {("purple", "triangle"), ("orange", "square"), ("green", "diamond"), ("yellow", "circle")}
+"""(colour, shape) pairs that appear only in the test split."""
+BACKGROUND = (245, 245, 240)
+
+
+@dataclass
+class Shape:
+    colour: str
+    kind: str
+    big: bool
+    x: float  # centre, as a fraction of the width
+    y: float
+    slot: float = 1.0  # width of the horizontal slot the shape owns, as a fraction of the width
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+
+def pairs(split: str) -> list[tuple[str, str]]:
+    """(colour, shape) pairs a split may draw: held-out ones only in test, the rest everywhere."""
+    every = [(c, s) for c in COLOURS for s in SHAPES]
+    return every if split == "test" else [p for p in every if p not in HELD_OUT]
+
+
+def draw_shape(draw, shape: Shape, width: int, height: int) -> None:
+    room = min(shape.slot * width, height)  # shapes never overlap: each keeps to its slot
+    radius = (0.4 if shape.big else 0.22) * room
+    cx, cy = shape.x * width, shape.y * height
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    fill = COLOURS[shape.colour]
+    if shape.kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape.kind == "triangle":
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
+    else:
+        draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=fill)
+
+
+def render(shapes: list[Shape], width: int, height: int, rng: np.random.Generator):
+    """An RGB PIL image of `shapes` on a lightly noisy background."""
+    from PIL import Image, ImageDraw
+
+    noise = rng.integers(-8, 9, (height, width, 1))
+    base = np.clip(np.array(BACKGROUND)[None, None, :] + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(base)
+    draw = ImageDraw.Draw(image)
+    for shape in shapes:
+        draw_shape(draw, shape, width, height)
+    return image
+
+
+def scene(rng: np.random.Generator, split: str, count: int) -> list[Shape]:
+    """`count` shapes of distinct kinds, spread left to right without overlapping."""
+    chosen = rng.choice(len(SHAPES), size=count, replace=False)
+    allowed = pairs(split)
+    shapes = []
+    slots = rng.permutation(count)
+    for i, kind_index in enumerate(chosen):
+        kind = SHAPES[kind_index]
+        colours = [c for c, s in allowed if s == kind]
+        colour = colours[rng.integers(len(colours))]
+        x = (slots[i] + 0.5) / count
+        shapes.append(Shape(colour, kind, bool(rng.integers(2)), x, 0.5 + rng.uniform(-0.12, 0.12), slot=1 / count))
+    return shapes
+
+
+def word_image(word: str, width: int, height: int, rng: np.random.Generator, size: int, at: tuple[float, float]):
+    """`word` in dark ink at relative position `at` (its centre), font `size` px."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    noise = rng.integers(-8, 9, (height, width, 1))
+    image = Image.fromarray(np.clip(np.array(BACKGROUND)[None, None, :] + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=size)
+    left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
+    x = at[0] * width - (right - left) / 2
+    y = at[1] * height - (bottom - top) / 2 - top
+    ink = tuple(int(v) for v in rng.integers(0, 60, 3))
+    draw.text((x, y), word, fill=ink, font=font)
+    return image
+
+
+@dataclass
+class Clip:
+    frames: list[np.ndarray]
+    fps: float
+    questions: list[tuple[str, str]]
+    """(question, answer) pairs the clip answers, the main one first (a random one of its kind)."""
+
+
+def moving_clip(rng: np.random.Generator, split: str, seconds: float, size: int, fps: float) -> Clip:
+    """One shape crossing the frame (left, right, up or down), or shapes appearing one by one."""
+    from PIL import Image, ImageDraw
+
+    n = max(2, int(round(seconds * fps)))
+    allowed = pairs(split)
+    if rng.random() < 0.5:
+        colour, kind = allowed[rng.integers(len(allowed))]
+        direction = ("left", "right", "up", "down")[rng.integers(4)]
+        frames = []
+        for i in range(n):
+            t = 0.15 + 0.7 * i / (n - 1)
+            x, y = {"right": (t, 0.5), "left": (1 - t, 0.5), "down": (0.5, t), "up": (0.5, 1 - t)}[direction]
+            image = Image.new("RGB", (size, size), BACKGROUND)
+            draw_shape(ImageDraw.Draw(image), Shape(colour, kind, False, x, y, slot=0.6), size, size)
+            frames.append(np.asarray(image))
+        return Clip(frames, fps, [(f"Which way does the {colour} {kind} move?", direction),
+                                  (f"What colour is the moving {kind}?", colour)])
+    count = int(rng.integers(2, 4))
+    shapes = scene(rng, split, count)
+    order = rng.permutation(count)
+    frames = []
+    for i in range(n):
+        visible = int(np.ceil((i + 1) / n * count))  # shapes appear at even intervals, in `order`
+        image = Image.new("RGB", (size, size), BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        for j in order[:visible]:
+            draw_shape(draw, shapes[j], size, size)
+        frames.append(np.asarray(image))
+    questions = [("Which colour appears first?", shapes[order[0]].colour), ("How many shapes appear?", NUMBERS[count])]
+    return Clip(frames, fps, questions if rng.random() < 0.5 else questions[::-1])

@@ -1,0 +1,398 @@
+"""`omniforge synth`: a deterministic multimodal world in the standard JSONL format, with real media.
+
+    DIR/{train,val,test}/<task>.jsonl     conversations (+ "task", "metric", "pair_id" fields)
+    DIR/media/...                         PNG images, MP4 clips, 16-kHz WAV speech
+    DIR/tokenizer/                        a BPE tokenizer trained on the world's text (HF format)
+    DIR/world.json                        sizes, voices, held-out combinations, seed
+
+Tasks: caption, image_qa, ocr, hires (small details that need tiling), video_qa, asr,
+translation (Spanish speech -> English text), spoken_qa (image questions asked aloud; the
+test split pairs each with its text twin), background (talk not meant for the assistant:
+empty answer), text_qa, and text_lm (sentences to repeat: the text warm-up that stands in for
+a pretrained LLM). The test split uses held-out voices, speaking rates and
+(colour, shape) combinations.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from omniforge.data.synthetic import scenes, speech
+from omniforge.data.synthetic.scenes import COLOURS, NUMBERS, SHAPES, WORDS
+
+SPLITS = ("train", "val", "test")
+TILE = 64
+"""Side of a single-tile image (px); the micro model's tile size."""
+SPANISH_COLOURS = {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "purple": "morado",
+                   "orange": "naranja"}
+SPANISH_SHAPES = {"circle": ("el", "círculo"), "square": ("el", "cuadrado"), "triangle": ("el", "triángulo"),
+                  "diamond": ("el", "rombo")}
+COMMANDS = ("stop", "please stop", "stop talking", "be quiet", "that is enough")
+BACKGROUND_TALK = (
+    "i think we should go to the market tomorrow", "my brother bought a new bicycle last week",
+    "did you remember to call your mother", "the train was late again this morning",
+    "we are having pasta for dinner tonight", "she said the meeting moved to friday",
+    "turn left after the bakery and park there", "i cannot find my keys anywhere",
+    "the weather is supposed to be nice this weekend", "he plays football every saturday",
+    "let us watch a film after work", "the garden needs water before it gets dark",
+)
+
+
+@dataclass
+class WorldSize:
+    """Records per task for the train split (val and test get `eval_size` each)."""
+
+    caption: int = 1200
+    image_qa: int = 2400
+    ocr: int = 700
+    hires: int = 500
+    video_qa: int = 900
+    asr: int = 1500
+    translation: int = 700
+    spoken_qa: int = 1000
+    background: int = 500
+    text_qa: int = 800
+    text_lm: int = 3000
+    eval_size: int = 100
+
+    @classmethod
+    def quick(cls) -> "WorldSize":
+        return cls(caption=200, image_qa=400, ocr=120, hires=80, video_qa=150, asr=350, translation=120,
+                   spoken_qa=200, background=100, text_qa=150, text_lm=500, eval_size=40)
+
+
+@dataclass
+class Record:
+    task: str
+    metric: str
+    messages: list[dict]
+    images: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+    audios: list[str] = field(default_factory=list)
+    pair_id: str | None = None
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if v not in (None, [])}
+        return json.dumps(data)
+
+
+def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = None, log=print) -> Path:
+    """Write the whole world under `out`; the same seed gives the same files."""
+    out = Path(out)
+    size = size or WorldSize()
+    builder = _Builder(out, seed)
+    for split in SPLITS:
+        n = (lambda task: getattr(size, task)) if split == "train" else (lambda task: size.eval_size)
+        tasks = {
+            "caption": builder.captions(split, n("caption")) if split == "train" else [],
+            "image_qa": builder.image_qa(split, n("image_qa")),
+            "ocr": builder.ocr(split, n("ocr")),
+            "hires": builder.hires(split, n("hires")),
+            "video_qa": builder.video_qa(split, n("video_qa")),
+            "asr": builder.asr(split, n("asr")),
+            "translation": builder.translation(split, n("translation")),
+            "spoken_qa": builder.spoken_qa(split, n("spoken_qa")),
+            "background": builder.background(split, n("background")),
+            "text_qa": builder.text_qa(split, n("text_qa")),
+            "text_lm": builder.text_lm(split, n("text_lm")) if split == "train" else [],
+        }
+        builder.speak_all(log)
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for task, records in tasks.items():
+            if records:
+                (out / split / f"{task}.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
+        log(f"  {split}: " + ", ".join(f"{t} {len(r)}" for t, r in tasks.items() if r))
+    train_tokenizer(out)
+    (out / "world.json").write_text(json.dumps({
+        "seed": seed, "size": asdict(size), "held_out_pairs": sorted(map(list, scenes.HELD_OUT)),
+        "test_voice_variants": sorted(speech.TEST_VARIANTS), "test_rates": list(speech.TEST_RATES),
+        "piper": speech.piper_available()}, indent=2))
+    return out
+
+
+class _Builder:
+    """Makes records and media files; speech is queued and synthesised in parallel per split."""
+
+    def __init__(self, out: Path, seed: int):
+        self.out, self.seed = out, seed
+        self.pending: list[tuple[str, speech.Voice, Path, bool, int]] = []
+
+    def rng(self, split: str, task: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, SPLITS.index(split), sum(map(ord, task))])
+
+    def path(self, split: str, kind: str, name: str) -> Path:
+        folder = self.out / "media" / split / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    def rel(self, path: Path) -> str:
+        """A media path as the split's JSONL files name it (relative to DIR/<split>/)."""
+        return f"../{path.relative_to(self.out).as_posix()}"
+
+    # ------------------------------------------------------------------ vision
+
+    def captions(self, split: str, n: int) -> list[Record]:
+        rng = self.rng(split, "caption")
+        records = []
+        for i in range(n):
+            shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
+            image = self.path(split, "scenes", f"caption_{i:05d}.png")
+            scenes.render(shapes, TILE, TILE, rng).save(image)
+            records.append(_qa("caption", "exact_match", "<image>\nDescribe the picture.", describe(shapes),
+                               images=[self.rel(image)]))
+        return records
+
+    def image_qa(self, split: str, n: int) -> list[Record]:
+        """Several questions about one scene per record in training (one image, more answers to learn
+        from); one question per record in evaluation."""
+        rng = self.rng(split, "image_qa")
+        records = []
+        for i in range(n):
+            shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
+            image = self.path(split, "scenes", f"qa_{i:05d}.png")
+            scenes.render(shapes, TILE, TILE, rng).save(image)
+            turns = int(rng.integers(2, 4)) if split == "train" else 1
+            questions = dict(scene_question(shapes, rng) for _ in range(turns))
+            messages = []
+            for j, (question, answer) in enumerate(questions.items()):
+                messages += [{"role": "user", "content": ("<image>\n" if j == 0 else "") + question},
+                             {"role": "assistant", "content": answer}]
+            records.append(Record("image_qa", "exact_match", messages, images=[self.rel(image)]))
+        return records
+
+    def ocr(self, split: str, n: int) -> list[Record]:
+        rng = self.rng(split, "ocr")
+        records = []
+        for i in range(n):
+            word = WORDS[rng.integers(len(WORDS))]
+            image = self.path(split, "words", f"ocr_{i:05d}.png")
+            scenes.word_image(word, TILE, TILE, rng, size=int(rng.integers(18, 25)),
+                              at=(0.5 + rng.uniform(-0.1, 0.1), 0.5 + rng.uniform(-0.15, 0.15))).save(image)
+            records.append(_qa("ocr", "exact_match", "<image>\nWhat word is written?", word, images=[self.rel(image)]))
+        return records
+
+    def hires(self, split: str, n: int) -> list[Record]:
+        """A 3x2-tile canvas with one small word in one of its six cells: legible only in the tiles."""
+        rng = self.rng(split, "hires")
+        records = []
+        for i in range(n):
+            word = WORDS[rng.integers(len(WORDS))]
+            cell = rng.integers(6)
+            at = ((cell % 3 + 0.5) / 3, (cell // 3 + 0.5) / 2)
+            image = self.path(split, "hires", f"hires_{i:05d}.png")
+            scenes.word_image(word, 3 * TILE, 2 * TILE, rng, size=int(rng.integers(13, 17)), at=at).save(image)
+            records.append(_qa("hires", "exact_match", "<image>\nWhat word is written?", word,
+                               images=[self.rel(image)]))
+        return records
+
+    def video_qa(self, split: str, n: int) -> list[Record]:
+        """Clips of 2-20 s (all three frame-sampling regimes); in training, every question a clip answers."""
+        from omniforge.data.media_writers import write_video
+
+        rng = self.rng(split, "video_qa")
+        records = []
+        for i in range(n):
+            seconds = float(rng.choice([rng.uniform(2, 4), rng.uniform(4, 16), rng.uniform(16, 20)]))
+            clip = scenes.moving_clip(rng, split, seconds, TILE, fps=4.0)
+            video = self.path(split, "videos", f"clip_{i:05d}.mp4")
+            write_video(video, clip.frames, fps=clip.fps, gop=8)
+            questions = clip.questions if split == "train" else clip.questions[:1]
+            messages = []
+            for j, (question, answer) in enumerate(questions):
+                messages += [{"role": "user", "content": ("<video>\n" if j == 0 else "") + question},
+                             {"role": "assistant", "content": answer}]
+            records.append(Record("video_qa", "exact_match", messages, videos=[self.rel(video)]))
+        return records
+
+    # ------------------------------------------------------------------ speech
+
+    def say(self, split: str, text: str, voice: speech.Voice, name: str, background: bool = False) -> str:
+        path = self.path(split, "speech", name)
+        self.pending.append((text, voice, path, background, len(self.pending)))
+        return self.rel(path)
+
+    def speak_all(self, log) -> None:
+        """Synthesise every queued utterance (two workers), then clear the queue."""
+        import soundfile
+
+        def work(job):
+            text, voice, path, background, index = job
+            audio = speech.synthesize(text, voice)
+            if background:
+                audio = speech.mix_background(audio, np.random.default_rng([self.seed, index]), level=0.35)
+            soundfile.write(path, audio, 16_000, subtype="PCM_16")  # FLAC: half the size of WAV
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(work, self.pending))
+        self.pending = []
+
+    def asr(self, split: str, n: int) -> list[Record]:
+        rng = self.rng(split, "asr")
+        english = speech.voices(split)
+        records = []
+        for i in range(n):
+            kind = rng.random()
+            if kind < 0.1:
+                text = COMMANDS[rng.integers(len(COMMANDS))]
+            elif kind < 0.55:
+                text = describe(scenes.scene(rng, split, int(rng.integers(1, 3))))
+            else:
+                text = scene_question(scenes.scene(rng, split, int(rng.integers(1, 3))), rng)[0].lower().rstrip("?")
+            audio = self.say(split, text, english[rng.integers(len(english))], f"asr_{i:05d}.flac")
+            records.append(_qa("asr", "wer", "<audio>\nTranscribe the speech.", text, audios=[audio]))
+        return records
+
+    def translation(self, split: str, n: int) -> list[Record]:
+        rng = self.rng(split, "translation")
+        spanish = speech.voices(split, "es")
+        records = []
+        for i in range(n):
+            colour, kind = scenes.pairs(split)[rng.integers(len(scenes.pairs(split)))]
+            big = bool(rng.integers(2))
+            article, noun = SPANISH_SHAPES[kind]
+            text_es = f"{article} {noun} {SPANISH_COLOURS[colour]} es {'grande' if big else 'pequeño'}"
+            text_en = f"the {colour} {kind} is {'big' if big else 'small'}"
+            audio = self.say(split, text_es, spanish[rng.integers(len(spanish))], f"es_{i:05d}.flac")
+            records.append(_qa("translation", "bleu", "<audio>\nTranslate to English.", text_en, audios=[audio]))
+        return records
+
+    def spoken_qa(self, split: str, n: int) -> list[Record]:
+        """Image questions asked aloud (VITA: half the instruction data); in test, each with its text twin."""
+        rng = self.rng(split, "spoken_qa")
+        english = speech.voices(split)
+        records = []
+        for i in range(n):
+            shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
+            image = self.path(split, "scenes", f"spoken_{i:05d}.png")
+            scenes.render(shapes, TILE, TILE, rng).save(image)
+            question, answer = scene_question(shapes, rng)
+            audio = self.say(split, question, english[rng.integers(len(english))], f"spoken_{i:05d}.flac")
+            pair = f"spoken_{i:05d}" if split == "test" else None
+            records.append(_qa("spoken_qa", "exact_match", "<image><audio>", answer, images=[self.rel(image)],
+                               audios=[audio], pair_id=pair))
+            if pair:
+                records.append(_qa("spoken_qa", "exact_match", f"<image>\n{question}", answer,
+                                   images=[self.rel(image)], pair_id=pair))
+        return records
+
+    def background(self, split: str, n: int) -> list[Record]:
+        """Talk not meant for the assistant (answer: nothing), beside real spoken queries."""
+        rng = self.rng(split, "background")
+        english = speech.voices(split)
+        records = []
+        for i in range(n):
+            voice = english[rng.integers(len(english))]
+            if split != "train" and i % 2:  # evaluation also needs real queries, to count wrongly ignored ones
+                shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
+                image = self.path(split, "scenes", f"query_{i:05d}.png")
+                scenes.render(shapes, TILE, TILE, rng).save(image)
+                question, answer = scene_question(shapes, rng)
+                audio = self.say(split, question, voice, f"query_{i:05d}.flac")
+                records.append(_qa("background", "background", "<image><audio>", answer, images=[self.rel(image)],
+                                   audios=[audio]))
+                continue
+            talk = BACKGROUND_TALK[rng.integers(len(BACKGROUND_TALK))]
+            audio = self.say(split, talk, voice, f"background_{i:05d}.flac", background=True)
+            with_image = bool(rng.integers(2))
+            images = []
+            if with_image:
+                image = self.path(split, "scenes", f"background_{i:05d}.png")
+                scenes.render(scenes.scene(rng, split, int(rng.integers(1, 4))), TILE, TILE, rng).save(image)
+                images = [self.rel(image)]
+            record = _qa("background", "background", ("<image>" if with_image else "") + "<audio>", "",
+                         images=images, audios=[audio])
+            record.messages[-1]["state"] = "background"
+            records.append(record)
+        return records
+
+    # ------------------------------------------------------------------ text
+
+    def text_lm(self, split: str, n: int) -> list[Record]:
+        """Sentences of the world to repeat: the text warm-up that stands in for LM pretraining."""
+        rng = self.rng(split, "text_lm")
+        records = []
+        for _ in range(n):
+            kind = rng.random()
+            shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
+            if kind < 0.4:
+                sentence = describe(shapes)
+            elif kind < 0.7:
+                sentence = scene_question(shapes, rng)[0].lower().rstrip("?")
+            elif kind < 0.8:
+                colour, kind_ = shapes[0].colour, shapes[0].kind
+                sentence = f"the {colour} {kind_} is {'big' if shapes[0].big else 'small'}"
+            elif kind < 0.9:
+                sentence = COMMANDS[rng.integers(len(COMMANDS))]
+            else:
+                sentence = WORDS[rng.integers(len(WORDS))]
+            records.append(_qa("text_lm", "exact_match", f"Repeat: {sentence}", sentence))
+        return records
+
+    def text_qa(self, split: str, n: int) -> list[Record]:
+        rng = self.rng(split, "text_qa")
+        records = []
+        for _ in range(n):
+            a, b = (int(x) for x in rng.integers(0, 6, 2))
+            if rng.random() < 0.5:
+                question, answer = f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b]
+            else:
+                question, answer = f"What comes after {NUMBERS[a + b]}?", NUMBERS[min(a + b + 1, 10)]
+            records.append(_qa("text_qa", "exact_match", question, answer))
+        return records
+
+
+def describe(shapes: list[scenes.Shape]) -> str:
+    """A caption, left to right: `a big red circle and a small blue square`."""
+    ordered = sorted(shapes, key=lambda s: s.x)
+    return " and ".join(f"a {'big' if s.big else 'small'} {s.name}" for s in ordered)
+
+
+def scene_question(shapes: list[scenes.Shape], rng: np.random.Generator) -> tuple[str, str]:
+    """A question about a scene and its one- or two-word answer."""
+    target = shapes[rng.integers(len(shapes))]
+    kind = rng.integers(5 if len(shapes) > 1 else 4)
+    if kind == 0:
+        return f"What colour is the {target.kind}?", target.colour
+    if kind == 1:
+        return f"What shape is {target.colour}?", target.kind
+    if kind == 2:
+        return "How many shapes are there?", NUMBERS[len(shapes)]
+    if kind == 3:
+        return f"Is the {target.kind} big or small?", "big" if target.big else "small"
+    leftmost = min(shapes, key=lambda s: s.x)
+    return "What is on the left?", leftmost.name
+
+
+def _qa(task: str, metric: str, question: str, answer: str, **kw) -> Record:
+    return Record(task, metric, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], **kw)
+
+
+def train_tokenizer(out: Path, vocab_size: int = 512) -> Path:
+    """A byte-level BPE trained on every text of the world, saved as a Hugging Face tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from omniforge.model.tokenizer import CHATML_TEMPLATE
+
+    texts = []
+    for file in sorted(out.glob("*/*.jsonl")):
+        for line in file.read_text().splitlines():
+            texts += [m["content"] for m in json.loads(line)["messages"]]
+    texts += list(COLOURS) + list(SHAPES) + list(NUMBERS) + list(WORDS)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(out / "tokenizer")
+    return out / "tokenizer"

@@ -1,0 +1,117 @@
+"""The synthetic world (deterministic, held-out test conditions, real media) and the demo."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omniforge.data.synthetic import scenes, speech
+from omniforge.data.synthetic.world import WorldSize, synthesize_world
+from omniforge.eval.readers import TaskSpec, load_tasks
+
+SMALL = WorldSize(caption=4, image_qa=6, ocr=3, hires=3, video_qa=4, asr=5, translation=3, spoken_qa=4,
+                  background=4, text_qa=4, text_lm=6, eval_size=4)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in (".jsonl", ".png", ".flac", ".json")}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthesize_world(tmp_path_factory.mktemp("world"), seed=3, size=SMALL, log=lambda _: None)
+
+
+def test_world_is_deterministic_per_seed(world, tmp_path):
+    again = synthesize_world(tmp_path / "again", seed=3, size=SMALL, log=lambda _: None)
+    other = synthesize_world(tmp_path / "other", seed=4, size=SMALL, log=lambda _: None)
+    assert digest(world) == digest(again)
+    assert digest(world) != digest(other)
+
+
+def test_every_split_has_its_tasks_in_the_training_format(world):
+    for split in ("train", "val", "test"):
+        names = {p.stem for p in (world / split).glob("*.jsonl")}
+        assert {"image_qa", "ocr", "hires", "video_qa", "asr", "translation", "spoken_qa", "background",
+                "text_qa"} <= names
+    assert {"caption", "text_lm"} <= {p.stem for p in (world / "train").glob("*.jsonl")}
+    for file in (world / "test").glob("*.jsonl"):
+        for line in file.read_text().splitlines():
+            record = json.loads(line)
+            assert record["messages"][-1]["role"] == "assistant" and record["metric"]
+            for kind in ("images", "videos", "audios"):
+                for path in record.get(kind, []):
+                    assert (file.parent / path).is_file()
+
+
+def test_test_split_holds_out_voices_rates_and_combinations():
+    train, test = speech.voices("train"), speech.voices("test")
+    assert not set(train) & set(test)
+    assert all(v.rate in speech.TEST_RATES for v in test) and all(v.rate in speech.TRAIN_RATES for v in train)
+    assert all(p not in scenes.pairs("train") for p in scenes.HELD_OUT)
+    assert all(p in scenes.pairs("test") for p in scenes.HELD_OUT)
+
+
+def test_videos_cover_all_three_sampling_regimes(world):
+    from omniforge.processing.video import load_video
+
+    durations = []
+    for line in (world / "train" / "video_qa.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        durations.append(load_video(world / "train" / record["videos"][0]).duration)
+    # 2-4 s (4 frames), 4-16 s (1 fps), 16-20 s (16 frames), chosen uniformly at random per clip
+    assert all(1.9 < d < 20.5 for d in durations)
+
+
+def test_background_speech_has_no_answer_and_the_background_state(world):
+    records = [json.loads(line) for line in (world / "train" / "background.jsonl").read_text().splitlines()]
+    assert records and all(r["messages"][-1] == {"role": "assistant", "content": "", "state": "background"}
+                           for r in records)
+    tests = [json.loads(line) for line in (world / "test" / "background.jsonl").read_text().splitlines()]
+    assert {bool(r["messages"][-1]["content"]) for r in tests} == {True, False}  # ignored and real queries
+
+
+def test_speech_is_real_audio(world):
+    import soundfile
+
+    record = json.loads((world / "train" / "asr.jsonl").read_text().splitlines()[0])
+    audio, rate = soundfile.read(world / "train" / record["audios"][0])
+    assert rate == 16_000 and 0.3 < len(audio) / rate < 8 and np.abs(audio).max() > 0.05
+
+
+def test_world_tokenizer_loads_through_the_normal_path(world):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
+    ids = tokenizer("what colour is the circle").input_ids
+    assert len(ids) <= 6 and tokenizer.decode(ids) == "what colour is the circle"
+
+
+def test_test_split_is_an_eval_task_set_with_spoken_text_pairs(world):
+    tasks = {t.name: t for t in load_tasks(TaskSpec("synth", "synth", world / "test"))}
+    assert "synth/spoken_qa" in tasks
+    pairs = [s.extra.get("pair_id") for s in tasks["synth/spoken_qa"].items]
+    assert all(pairs) and len(set(pairs)) * 2 == len(pairs)
+
+
+def test_quick_demo_runs_every_stage_and_reports(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "omniforge.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    stages = [r["stage"] for r in report["stages"]]
+    assert stages == ["0_text_warmup", "1a_visual_alignment", "1b_visual_fine_grained", "1c_high_resolution",
+                      "2_audio_alignment", "3_cross_modal"]
+    final = report["stages"][-1]["scores"]
+    assert {"image_qa", "video_qa", "asr", "translation", "background", "consistency", "text_qa"} <= set(final)
+    assert 0 <= final["asr"]["wer"] and 0 <= final["image_qa"]["exact_match"] <= 1
+    assert report["pocketsphinx"]["utterances"] > 0 and report["pocketsphinx"]["wer"] is not None
+    assert len(report["examples"]) == 2
+    for name in ("report.md", "scores_by_stage.png", "loss.png", "checkpoint/config.yaml"):
+        assert (tmp_path / "demo" / name).is_file()
+    assert "after stage" in result.stdout and "PocketSphinx" in result.stdout
