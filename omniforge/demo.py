@@ -22,6 +22,8 @@ TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 QUICK_STEPS = 1 / 8
 """--quick trains this fraction of each stage's steps."""
 EVAL_BATCH = 32
+EVAL_LIMIT = 64
+"""Test samples scored per task after each stage (the full run; --quick scores its whole test split)."""
 MAX_NEW_TOKENS = 32
 """Longest answer the world asks for (a transcript) is ~20 tokens."""
 
@@ -54,11 +56,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     timings = {"synthesis": time.perf_counter() - started}
     recipe = load_recipe(TINY_RECIPE, [f"data_dir={world.resolve()}", f"train.out_dir={out / 'train'}",
                                        f"train.seed={seed}"])
+    recipe.evals = []  # the per-stage test table below is this run's forgetting monitor
     if quick:
         for stage in recipe.stages:
             stage.steps = max(8, round(stage.steps * QUICK_STEPS))
             stage.warmup_steps = min(stage.warmup_steps, stage.steps // 4)
-    limit = WorldSize.quick().eval_size if quick else WorldSize().eval_size
+    limit = WorldSize.quick().eval_size if quick else EVAL_LIMIT
     rows: list[dict] = []
 
     def after_stage(stage, model, export) -> None:
@@ -109,7 +112,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+    """Scores from omniforge.eval are already percentages."""
+    return "-" if value is None else f"{value:.1f}%"
 
 
 def final_score(rows: list[dict], task: str, metric: str) -> float | None:
@@ -196,7 +200,7 @@ def plot_scores(rows: list[dict], path: Path) -> None:
             continue
         values = [r["scores"].get(task, {}).get(metric) for r in rows]
         if any(v is not None for v in values):
-            axis.plot(stages, [None if v is None else 100 * v for v in values], marker="o", label=heading)
+            axis.plot(stages, [float("nan") if v is None else v for v in values], marker="o", label=heading)
     axis.set_ylabel("% (WER and 'queries ignored': lower is better)")
     axis.set_ylim(-2, 102)
     axis.legend(fontsize=7, ncol=3)

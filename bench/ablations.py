@@ -1,0 +1,105 @@
+"""The papers' claims, checked at micro scale on the synthetic world (after `omniforge demo`).
+
+    python bench/ablations.py --demo runs/demo [--steps-scale 0.5] [--only a,b,c,d]
+
+Each variant re-runs one stage of `recipes/tiny.yaml` from the demo's export of the stage
+before it, then scores the result on the same test samples:
+
+(a) audio alignment with the LLM and vision frozen (the recipe) vs with them trained:
+    image-QA accuracy before and after stage 2 (Capybara-OMNI / Freeze-Omni: freezing keeps vision);
+(b) 2x2 token pooling vs none: stage 1b with 16 vs 64 tokens a tile, accuracy and training time;
+(c) packed vs padded batches: stage 1b with 2048-token rows vs padded batches of the same
+    average sample count, accuracy and time;
+(d) spoken vs text questions: answer agreement of the demo's final model (VITA's TTS questions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import omniforge  # noqa: E402,F401
+from omniforge.eval.readers import TaskSpec, load_tasks  # noqa: E402
+from omniforge.eval.runner import evaluate  # noqa: E402
+from omniforge.model.omni import OmniModel  # noqa: E402
+from omniforge.train.loop import train  # noqa: E402
+from omniforge.train.recipe import load_recipe  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+LIMIT = 100
+
+
+def score(model, world: Path, task: str, out: Path) -> dict:
+    tasks = [t for t in load_tasks(TaskSpec("synth", "synth", world / "test"), limit=LIMIT) if t.name.endswith(task)]
+    return evaluate(model, tasks, out, batch_size=32, max_new_tokens=32, progress=False)[0].metrics
+
+
+def run_variant(demo: Path, out: Path, stage: str, overrides: list[str], scale: float) -> tuple[Path, float]:
+    """Train `stage` from the demo's previous export with `overrides`; returns (export, seconds)."""
+    recipe = load_recipe(RECIPE, [f"data_dir={(demo / 'world').resolve()}", f"train.out_dir={out}",
+                                  "train.checkpoint_every=0", *overrides])
+    names = [s.name for s in recipe.stages]
+    previous = names[names.index(stage) - 1]
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(demo / "train" / "stages" / previous, out / "stages" / previous)
+    target = recipe.stage(stage)
+    target.steps = max(10, round(target.steps * scale))
+    recipe.evals = []
+    start = time.perf_counter()
+    export = train(recipe, only_stage=stage)
+    return export, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished `omniforge demo --out` folder")
+    parser.add_argument("--out", type=Path, default=Path("runs/ablations"))
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="fraction of each stage's steps")
+    parser.add_argument("--only", default="a,b,c,d")
+    args = parser.parse_args()
+    world, stages, results = args.demo / "world", args.demo / "train" / "stages", {}
+    only = set(args.only.split(","))
+
+    if "a" in only:
+        before = score(OmniModel.from_pretrained(stages / "1c_high_resolution"), world, "image_qa", args.out / "a0")
+        frozen, _ = run_variant(args.demo, args.out / "a_frozen", "2_audio_alignment", [], args.steps_scale)
+        trained, _ = run_variant(args.demo, args.out / "a_unfrozen", "2_audio_alignment",
+                                 ["stages.4.components.llm=full", "stages.4.components.vision_tower=full",
+                                  "stages.4.components.vision_adapter=full"], args.steps_scale)
+        results["a"] = {"image_qa_before": before["exact_match"],
+                        "frozen": score(OmniModel.from_pretrained(frozen), world, "image_qa", args.out / "a1")["exact_match"],
+                        "unfrozen": score(OmniModel.from_pretrained(trained), world, "image_qa", args.out / "a2")["exact_match"]}
+        print("(a) image QA before stage 2 {image_qa_before:.1f}%, after it with LLM+vision frozen {frozen:.1f}%, "
+              "with them trained {unfrozen:.1f}%".format(**results["a"]))
+    for key, name, variants in (("b", "pooling", {"2x2 (16 tokens/tile)": [], "none (64 tokens/tile)": ["model.vision.pool=1"]}),
+                                ("c", "packing", {"packed 2048": [], "padded": ["stages.2.batch_tokens=null",
+                                                                                "stages.2.batch_size=26"]})):
+        if key not in only:
+            continue
+        results[key] = {}
+        for label, overrides in variants.items():
+            export, seconds = run_variant(args.demo, args.out / f"{key}_{label.split()[0]}", "1b_visual_fine_grained",
+                                          overrides, args.steps_scale)
+            accuracy = score(OmniModel.from_pretrained(export), world, "image_qa", args.out / f"{key}_{label.split()[0]}_eval")
+            results[key][label] = {"image_qa": accuracy["exact_match"], "seconds": round(seconds, 1)}
+            print(f"({key}) {name}: {label}: image QA {accuracy['exact_match']:.1f}% after stage 1b, {seconds:.0f} s")
+    if "d" in only:
+        report = json.loads((args.demo / "report.json").read_text())
+        final = report["stages"][-1]["scores"]
+        results["d"] = {"agreement": final.get("consistency", {}).get("consistency"),
+                        "spoken_qa": final.get("spoken_qa", {}).get("exact_match"),
+                        "text_image_qa": final.get("image_qa", {}).get("exact_match")}
+        print("(d) spoken vs text questions: {agreement}% of answers agree; spoken-question accuracy {spoken_qa}%, "
+              "text image QA {text_image_qa}%".format(**results["d"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ablations.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
