@@ -173,16 +173,24 @@ def load_config(path: str | Path, overrides: list[str] = (), cls: type[T] = Omni
     Errors name the file and the key: `model.yaml: vision.pool: expected int, got 'two'`.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, "config")
     try:
         return from_dict(cls, apply_overrides(data, overrides))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    """The mapping in a YAML file; errors name the file (`what`: "config", "recipe", ...)."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what} file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top of the {what}")
+    return data
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from omniforge.config import OmniConfig, apply_overrides, from_dict, require
+from omniforge.config import OmniConfig, apply_overrides, from_dict, read_yaml, require
 from omniforge.errors import ConfigError
 
 COMPONENTS = ("vision_tower", "vision_adapter", "audio_tower", "audio_adapter", "llm")
@@ -177,20 +177,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     `stages.0.steps=10`).
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such recipe file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with model, stages, train")
+    data = read_yaml(path, "recipe")
     try:
         if isinstance(data.get("model"), str):
-            model_file = path.parent / data["model"]
-            if not model_file.is_file():
-                raise ConfigError(f"model: {model_file} is not a file")
-            data["model"] = yaml.safe_load(model_file.read_text()) or {}
+            data["model"] = read_yaml(path.parent / data["model"], "model config")
         data = apply_overrides(_lists_as_dicts(data), overrides)
         recipe = from_dict(Recipe, _dicts_as_lists(data))
     except ConfigError as e:

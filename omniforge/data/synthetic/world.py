@@ -130,6 +130,13 @@ class _Builder:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / name
 
+    def scene_image(self, split: str, rng: np.random.Generator, name: str) -> tuple[list[scenes.Shape], str]:
+        """A rendered scene of 1-3 shapes, saved; its shapes and the path the JSONL names."""
+        shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
+        image = self.path(split, "scenes", name)
+        scenes.render(shapes, TILE, TILE, rng).save(image)
+        return shapes, self.rel(image)
+
     def rel(self, path: Path) -> str:
         """A media path as the split's JSONL files name it (relative to DIR/<split>/)."""
         return f"../{path.relative_to(self.out).as_posix()}"
@@ -140,11 +147,9 @@ class _Builder:
         rng = self.rng(split, "caption")
         records = []
         for i in range(n):
-            shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
-            image = self.path(split, "scenes", f"caption_{i:05d}.png")
-            scenes.render(shapes, TILE, TILE, rng).save(image)
+            shapes, image = self.scene_image(split, rng, f"caption_{i:05d}.png")
             records.append(_qa("caption", "exact_match", "<image>\nDescribe the picture.", describe(shapes),
-                               images=[self.rel(image)]))
+                               images=[image]))
         return records
 
     def image_qa(self, split: str, n: int) -> list[Record]:
@@ -153,16 +158,14 @@ class _Builder:
         rng = self.rng(split, "image_qa")
         records = []
         for i in range(n):
-            shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
-            image = self.path(split, "scenes", f"qa_{i:05d}.png")
-            scenes.render(shapes, TILE, TILE, rng).save(image)
+            shapes, image = self.scene_image(split, rng, f"qa_{i:05d}.png")
             turns = int(rng.integers(2, 4)) if split == "train" else 1
             questions = dict(scene_question(shapes, rng) for _ in range(turns))
             messages = []
             for j, (question, answer) in enumerate(questions.items()):
                 messages += [{"role": "user", "content": ("<image>\n" if j == 0 else "") + question},
                              {"role": "assistant", "content": answer}]
-            records.append(Record("image_qa", "exact_match", messages, images=[self.rel(image)]))
+            records.append(Record("image_qa", "exact_match", messages, images=[image]))
         return records
 
     def ocr(self, split: str, n: int) -> list[Record]:
@@ -267,17 +270,15 @@ class _Builder:
         english = speech.voices(split)
         records = []
         for i in range(n):
-            shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
-            image = self.path(split, "scenes", f"spoken_{i:05d}.png")
-            scenes.render(shapes, TILE, TILE, rng).save(image)
+            shapes, image = self.scene_image(split, rng, f"spoken_{i:05d}.png")
             question, answer = scene_question(shapes, rng)
             audio = self.say(split, question, english[rng.integers(len(english))], f"spoken_{i:05d}.flac")
             pair = f"spoken_{i:05d}" if split == "test" else None
-            records.append(_qa("spoken_qa", "exact_match", "<image><audio>", answer, images=[self.rel(image)],
+            records.append(_qa("spoken_qa", "exact_match", "<image><audio>", answer, images=[image],
                                audios=[audio], pair_id=pair))
             if pair:
                 records.append(_qa("spoken_qa", "exact_match", f"<image>\n{question}", answer,
-                                   images=[self.rel(image)], pair_id=pair))
+                                   images=[image], pair_id=pair))
         return records
 
     def background(self, split: str, n: int) -> list[Record]:
@@ -288,22 +289,16 @@ class _Builder:
         for i in range(n):
             voice = english[rng.integers(len(english))]
             if split != "train" and i % 2:  # evaluation also needs real queries, to count wrongly ignored ones
-                shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
-                image = self.path(split, "scenes", f"query_{i:05d}.png")
-                scenes.render(shapes, TILE, TILE, rng).save(image)
+                shapes, image = self.scene_image(split, rng, f"query_{i:05d}.png")
                 question, answer = scene_question(shapes, rng)
                 audio = self.say(split, question, voice, f"query_{i:05d}.flac")
-                records.append(_qa("background", "background", "<image><audio>", answer, images=[self.rel(image)],
+                records.append(_qa("background", "background", "<image><audio>", answer, images=[image],
                                    audios=[audio]))
                 continue
             talk = BACKGROUND_TALK[rng.integers(len(BACKGROUND_TALK))]
             audio = self.say(split, talk, voice, f"background_{i:05d}.flac", background=True)
             with_image = bool(rng.integers(2))
-            images = []
-            if with_image:
-                image = self.path(split, "scenes", f"background_{i:05d}.png")
-                scenes.render(scenes.scene(rng, split, int(rng.integers(1, 4))), TILE, TILE, rng).save(image)
-                images = [self.rel(image)]
+            images = [self.scene_image(split, rng, f"background_{i:05d}.png")[1]] if with_image else []
             record = _qa("background", "background", ("<image>" if with_image else "") + "<audio>", "",
                          images=images, audios=[audio])
             record.messages[-1]["state"] = "background"
