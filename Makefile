@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(BIN)/python bench/media.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/ablations.py --demo runs/demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
