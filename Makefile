@@ -25,7 +25,8 @@ test: install
 bench: install
 	$(BIN)/python bench/media.py
 	$(BIN)/python bench/train_throughput.py
-	$(BIN)/python bench/ablations.py --demo runs/demo
+	@if [ -f runs/demo/report.json ]; then $(BIN)/python bench/ablations.py --demo runs/demo; \
+	else echo "bench/ablations.py re-trains stages of a finished demo: run make demo first"; fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
