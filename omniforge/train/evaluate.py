@@ -7,7 +7,8 @@ import torch
 from omniforge.data.dataset import JsonlConversations
 from omniforge.errors import OmniforgeError
 from omniforge.eval.metrics import normalize_answer
-from omniforge.model.generate import GenerationConfig, generate
+from omniforge.eval.runner import generate_texts
+from omniforge.model.generate import GenerationConfig
 from omniforge.processing.chat import OmniProcessor
 from omniforge.train.recipe import EvalSpec
 
@@ -53,11 +54,8 @@ class Evaluator:
         config = GenerationConfig(max_new_tokens=longest + 4)
         right = 0
         for start in range(0, len(prompts), BATCH):
-            inputs = self.processor.collate(prompts[start:start + BATCH], padding_side="left")
-            inputs.pop("labels")
-            inputs = {k: v.to(model.device) for k, v in inputs.items()}
-            for completion, answer in zip(generate(model, config=config, **inputs), answers[start:start + BATCH]):
-                right += normalize_answer(completion.text) == normalize_answer(answer)
+            texts = generate_texts(model, self.processor, prompts[start:start + BATCH], config)
+            right += sum(normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers[start:start + BATCH]))
         return right / len(prompts)
 
     def _loss(self, model, samples) -> float:
