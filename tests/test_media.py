@@ -218,6 +218,25 @@ def test_variable_frame_rate_uses_each_frames_own_time(tmp_path):
         assert abs(np.asarray(frame)[..., 0].mean() - times.index(min(times, key=lambda s: abs(s - t)))) < 8
 
 
+def test_stream_without_duration_or_seeking_is_decoded_in_order(tmp_path):
+    import av
+
+    path = tmp_path / "raw.h264"  # an elementary stream: no container, no timestamps, no seeking
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i, array in enumerate(moving_square(50)):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    video = load_video(path)
+    assert video.duration == pytest.approx(2.0)  # 50 frames at the stream's 25 fps
+    assert len(video.frames) == 4  # shorter than 4 s: 4 frames
+    for frame, t in zip(video.frames, video.timestamps):
+        assert abs(np.asarray(frame)[..., 0].mean() - round(t * 25)) < 8
+
+
 def test_bad_video_raises_one_error_type_per_kind(tmp_path):
     with pytest.raises(UnreadableMediaError, match="absent.mp4: cannot read"):
         load_video(tmp_path / "absent.mp4")

@@ -68,7 +68,11 @@ class Video:
 
 
 def load_video(source, sampling: FrameSampling | None = None, with_audio: bool = False) -> Video:
-    """Decode the sampled frames of `source` (path or bytes; mp4, webm, mkv, avi, gif, ...)."""
+    """Decode the sampled frames of `source` (path or bytes; mp4, webm, mkv, avi, gif, ...).
+
+    A stream that cannot seek or carries no timing (a raw H.264 elementary stream, say) is
+    decoded front to back instead, its frame times counted from the frame rate.
+    """
     import av
 
     sampling = sampling or FrameSampling()
@@ -79,24 +83,54 @@ def load_video(source, sampling: FrameSampling | None = None, with_audio: bool =
                 raise UnsupportedMediaError(source, "no video stream in the file")
             stream = container.streams.video[0]
             stream.thread_type = "SLICE"  # frame threading re-primes its pipeline at every seek
-            start, duration, keyframes = _scan(container, stream)
-            if duration <= 0:
-                raise EmptyMediaError(source, "video has no frames")
-            times = sampling.times(duration)
-            frames, stamps = _decode_at(container, stream, [start + t for t in times], keyframes)
-            if not frames:
-                raise EmptyMediaError(source, "video has no decodable frames")
+            try:
+                start, duration, keyframes = _scan(container, stream)
+            except OSError:  # not seekable: av.error.PermissionError / UnsupportedOperation
+                start, duration = 0.0, 0.0
+            if duration > 0:
+                frames, stamps = _decode_at(container, stream, [start + t for t in sampling.times(duration)],
+                                            keyframes)
+                audio = None
+                if with_audio and container.streams.audio:
+                    container.seek(0)
+                    audio = decode_audio_stream(container, container.streams.audio[0])
+        if duration <= 0:
+            frames, stamps, duration = _decode_in_order(stream_source, sampling)
             audio = None
-            if with_audio and container.streams.audio:
-                container.seek(0)
-                audio = decode_audio_stream(container, container.streams.audio[0])
+        if not frames:
+            raise EmptyMediaError(source, "video has no decodable frames")
     except (UnsupportedMediaError, EmptyMediaError):
         raise
     except av.error.InvalidDataError:
         raise UnsupportedMediaError(source, "not a video format FFmpeg can decode") from None
     except (av.error.FFmpegError, ValueError, IndexError, ZeroDivisionError) as e:
         raise UnreadableMediaError(source, f"corrupt or truncated video ({e})") from None
-    return Video(frames, [s - start for s in stamps], duration, audio)
+    return Video(frames, [t - start for t in stamps], duration, audio)
+
+
+def _decode_in_order(stream_source, sampling: FrameSampling) -> tuple[list, list[float], float]:
+    """Two front-to-back passes for untimed or unseekable streams: count the frames, then keep
+    the sampled ones (nothing but the kept frames is held in memory)."""
+    import av
+
+    def frames():
+        if hasattr(stream_source, "seek"):
+            stream_source.seek(0)
+        with av.open(stream_source) as container:
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 25)
+            for index, frame in enumerate(container.decode(stream)):
+                yield index, rate, frame
+
+    total, rate = 0, 25.0
+    for index, rate, _ in frames():
+        total = index + 1
+    if total == 0:
+        return [], [], 0.0
+    duration = total / rate
+    wanted = [min(total - 1, int(t * rate)) for t in sampling.times(duration)]
+    kept = {index: frame.to_image() for index, _, frame in frames() if index in set(wanted)}
+    return [kept[i] for i in wanted], [i / rate for i in wanted], duration
 
 
 def _scan(container, stream) -> tuple[float, float, list[float]]:
