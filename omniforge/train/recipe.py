@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from omniforge.config import OmniConfig, apply_overrides, from_dict, read_yaml, require
 from omniforge.errors import ConfigError
 
@@ -217,8 +215,3 @@ def _dicts_as_lists(data: Any) -> Any:
         return {k: _dicts_as_lists(v) for k, v in data.items()}
     return data
 
-
-def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    from omniforge.config import to_dict
-
-    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -33,9 +33,6 @@ class Voice:
     rate: int
     """Words per minute (espeak-ng) or the equivalent Piper length scale."""
 
-    def __str__(self) -> str:
-        return f"{self.name}@{self.rate}"
-
 
 def voices(split: str, language: str = "en") -> list[Voice]:
     """Every voice of a split: test voices use held-out variants and rates."""
