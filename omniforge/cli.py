@@ -1,4 +1,4 @@
-"""The `omniforge` command: demo | synth | train | eval | tokens."""
+"""The `omniforge` command: demo | synth | encoders | train | eval | tokens."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--quick", action="store_true", help="about a sixth of the records")
 
+    encoders = commands.add_parser("encoders", help="pretrain the micro model's stand-in encoders on a synthetic world")
+    encoders.add_argument("--world", type=Path, required=True, help="a folder written by `omniforge synth`")
+    encoders.add_argument("--recipe", type=Path, default=None, help="default: recipes/micro_encoders.yaml")
+    encoders.add_argument("--quick", action="store_true", help="a tenth of the steps")
+
     train = commands.add_parser("train", help="run a recipe's stages (key=value overrides after the recipe)")
     train.add_argument("recipe", type=Path)
     train.add_argument("--stage", default=None, help="run only this stage (starting from the previous one's export)")
@@ -58,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             from omniforge.data.synthetic.world import WorldSize, synthesize_world
 
             synthesize_world(args.out, args.seed, WorldSize.quick() if args.quick else WorldSize())
+        elif args.command == "encoders":
+            from omniforge.train.encoders import ENCODERS_RECIPE, load_encoder_recipe, pretrain_encoders
+
+            pretrain_encoders(args.world, load_encoder_recipe(args.recipe or ENCODERS_RECIPE), quick=args.quick)
         elif args.command == "eval":
             from omniforge.eval.cli import run as run_eval
 

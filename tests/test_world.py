@@ -115,3 +115,62 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     for name in ("report.md", "scores_by_stage.png", "loss.png", "checkpoint/config.yaml"):
         assert (tmp_path / "demo" / name).is_file()
     assert "after stage" in result.stdout and "PocketSphinx" in result.stdout
+
+
+# --------------------------------------------------------------------------- stand-in encoders
+
+
+def test_vision_pretraining_labels_match_the_rendered_pixels():
+    from omniforge.train.encoders import _SceneSampler, load_encoder_recipe
+
+    spec = load_encoder_recipe().vision
+    sampler = _SceneSampler(spec, grid=4, seed=0)
+    side, checked = spec.tile_size // 4, 0
+    for _ in range(40):
+        image, labels = sampler.sample()
+        if labels["word"]:
+            assert labels["count"] == -100 and set(labels["cell_kind"]) == {-100}
+            continue
+        pixels = np.asarray(image).reshape(4, side, 4, side, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1, 3)
+        for cell, colour in enumerate(labels["cell_colour"]):
+            if colour:  # the labelled colour is drawn in that cell
+                rgb = scenes.COLOURS[list(scenes.COLOURS)[colour - 1]]
+                assert (np.abs(pixels[cell].astype(int) - rgb).sum(-1) == 0).sum() > 0
+                checked += 1
+        assert 1 <= labels["count"] <= 3 and sum(c > 0 for c in labels["colour_of"]) == labels["count"]
+        drawn = {(list(scenes.COLOURS)[c - 1], scenes.SHAPES[k]) for k, c in enumerate(labels["colour_of"]) if c}
+        assert not drawn & scenes.HELD_OUT  # pretraining sees only the training combinations
+    assert checked > 20
+
+
+def test_ctc_best_path_merges_repeats_and_drops_blanks():
+    import torch
+
+    from omniforge.train.encoders import _ctc_greedy
+
+    best = [3, 3, 0, 0, 3, 1, 1, 0]  # blank = 0
+    log_probs = torch.nn.functional.one_hot(torch.tensor(best), 4).float().log()
+    assert _ctc_greedy(log_probs, blank=0) == [3, 3, 1]
+
+
+def test_stand_in_encoders_learn_and_load_through_the_micro_recipe(world):
+    import torch
+    from safetensors.torch import load_file
+
+    from omniforge.model.omni import OmniModel
+    from omniforge.train.encoders import load_encoder_recipe, pretrain_encoders
+    from omniforge.train.recipe import load_recipe
+
+    recipe = load_encoder_recipe()
+    recipe.vision.steps, recipe.audio.steps = 80, 4
+    scores = pretrain_encoders(world, recipe, log=lambda _: None)
+    assert scores["vision"]["count"] > 60  # chance: 33 %; the count is the first thing a tower learns
+    assert 0 <= scores["audio"]["ctc_wer"]
+    micro = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml", [f"data_dir={world}"])
+    assert micro.model.vision.path == str(world / "encoders" / "vision")
+    model = OmniModel.from_config(micro.model)
+    stored = load_file(world / "encoders" / "vision" / "model.safetensors")
+    name, tensor = next(iter(stored.items()))
+    assert torch.equal(model.vision.tower.state_dict()[name], tensor)
+    assert (world / "encoders" / "vision" / "preprocessor_config.json").is_file()
+    assert (world / "encoders" / "audio" / "config.json").is_file()

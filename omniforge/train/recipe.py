@@ -153,7 +153,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     evals: list[EvalSpec] = field(default_factory=list)
     data_dir: str | None = None
-    """Folder that relative data, eval and tokenizer paths resolve against (default: the recipe's)."""
+    """Folder that relative data, eval, tokenizer and model-folder paths resolve against (default: the recipe's)."""
 
     def validate(self, key: str) -> None:
         names = [s.name for s in self.stages]
@@ -186,9 +186,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     base = _resolve(recipe.data_dir, path.parent) if recipe.data_dir else path.parent
     for spec in [d for stage in recipe.stages for d in stage.data] + recipe.evals:
         spec.path = str(_resolve(spec.path, base))
-    tokenizer = recipe.model.llm.tokenizer
-    if tokenizer and tokenizer != "byte-level" and not Path(tokenizer).is_absolute():
-        recipe.model.llm.tokenizer = str(base / tokenizer)  # e.g. the synthetic world's own BPE
+    model = recipe.model  # relative model folders too: e.g. the synthetic world's tokenizer and encoders
+    for part, key in ((model.llm, "path"), (model.llm, "tokenizer"), (model.vision, "path"), (model.audio, "path")):
+        value = getattr(part, key) if part is not None else None
+        if value and value != "byte-level":
+            setattr(part, key, str(_resolve(value, base)))
     return recipe
 
 

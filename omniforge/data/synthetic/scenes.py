@@ -41,12 +41,13 @@ def pairs(split: str) -> list[tuple[str, str]]:
     return every if split == "test" else [p for p in every if p not in HELD_OUT]
 
 
-def draw_shape(draw, shape: Shape, width: int, height: int) -> None:
+def draw_shape(draw, shape: Shape, width: int, height: int, fill=None) -> None:
+    """Draw `shape` in its colour, or in `fill` (e.g. a label index on an "L" image)."""
     room = min(shape.slot * width, height)  # shapes never overlap: each keeps to its slot
-    radius = (0.4 if shape.big else 0.22) * room
+    radius = (0.46 if shape.big else 0.32) * room  # large enough for 8-px patches to tell shapes apart
     cx, cy = shape.x * width, shape.y * height
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    fill = COLOURS[shape.colour]
+    fill = COLOURS[shape.colour] if fill is None else fill
     if shape.kind == "circle":
         draw.ellipse(box, fill=fill)
     elif shape.kind == "square":

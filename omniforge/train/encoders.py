@@ -1,0 +1,330 @@
+"""Stand-ins for the pretrained encoders: a SigLIP-style tower and a Whisper-style encoder,
+pretrained on the synthetic world and saved as Hugging Face folders the micro model loads.
+
+The real recipe starts from SigLIP and Whisper checkpoints: encoders that already see shapes
+and hear words. A randomly initialised tower learns that only through the LLM's few answer
+tokens, the slowest path there is at the micro scale (BENCHMARKS.md: with these stand-ins the
+demo's video QA, spoken QA and WER all improve). So, just as the text warm-up stands in for
+the pretrained LLM, this module pretrains each encoder with its own objective, on the world's
+training side only (training (colour, shape) pairs, training voices):
+
+- vision: scenes and words rendered on the fly by `omniforge.data.synthetic.scenes`;
+  per pooled token, the colour and shape under it (dense labels from a rendered label map);
+  per image, the count, each shape's colour and size, the leftmost shape and the word.
+- audio: CTC over the world's own tokenizer on the training ASR speech (`train/asr.jsonl`).
+
+    omniforge encoders --world runs/world          # -> runs/world/encoders/{vision,audio}/
+
+`recipes/models/micro.yaml` loads them through the normal `vision.path` / `audio.path`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omniforge.config import VisionConfig, from_dict, read_yaml, require
+from omniforge.data.synthetic import scenes
+from omniforge.data.synthetic.scenes import COLOURS, SHAPES, WORDS
+
+ENCODERS_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "micro_encoders.yaml"
+QUICK_STEPS = 1 / 10
+"""--quick trains this fraction of the steps."""
+
+
+@dataclass
+class VisionPretraining:
+    """The SigLIP stand-in: architecture and objective settings."""
+
+    arch: dict[str, Any]
+    """HF vision config kwargs with `model_type` (e.g. siglip_vision_model)."""
+    tile_size: int = 64
+    """Input side (px), the micro model's tile."""
+    pool: int = 2
+    """Pooling factor of the patch grid, as the micro model pools (dense labels are per pooled token)."""
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    word_fraction: float = 0.2
+    """Share of rendered words (OCR) among the images; the rest are scenes of 1-3 shapes."""
+
+    def validate(self, key: str) -> None:
+        require(self.steps > 0 and self.batch_size > 0, f"{key}.steps", "steps and batch_size must be > 0")
+
+
+@dataclass
+class AudioPretraining:
+    """The Whisper stand-in: architecture and CTC settings."""
+
+    arch: dict[str, Any]
+    """HF Whisper config kwargs (`model_type: whisper`)."""
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 2e-3
+
+    def validate(self, key: str) -> None:
+        require(self.steps > 0 and self.batch_size > 0, f"{key}.steps", "steps and batch_size must be > 0")
+
+
+@dataclass
+class EncoderPretraining:
+    """`recipes/micro_encoders.yaml`: both stand-ins."""
+
+    vision: VisionPretraining
+    audio: AudioPretraining
+    seed: int = 0
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+
+    def validate(self, key: str) -> None:
+        require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+
+
+def load_encoder_recipe(path: str | Path = ENCODERS_RECIPE) -> EncoderPretraining:
+    return from_dict(EncoderPretraining, read_yaml(Path(path), "encoder pretraining recipe"), str(path))
+
+
+def pretrain_encoders(world: str | Path, recipe: EncoderPretraining | None = None, quick: bool = False,
+                      log=print) -> dict[str, dict]:
+    """Pretrain both stand-ins; writes `world/encoders/{vision,audio}/`; returns their held-out metrics."""
+    world = Path(world)
+    recipe = recipe or load_encoder_recipe()
+    scale = QUICK_STEPS if quick else 1.0
+    torch.manual_seed(recipe.seed)
+    return {"vision": pretrain_vision(recipe, world / "encoders" / "vision", scale, log),
+            "audio": pretrain_audio(recipe, world, world / "encoders" / "audio", scale, log)}
+
+
+# --------------------------------------------------------------------------- vision
+
+
+class _SceneSampler:
+    """Images rendered on the fly from the training side of the world, with their labels."""
+
+    def __init__(self, spec: VisionPretraining, grid: int, seed: int):
+        from omniforge.processing.image import ImageProcessor
+
+        self.spec, self.grid = spec, grid
+        self.rng = np.random.default_rng(seed)
+        self.processor = ImageProcessor(spec.tile_size, max_tiles=1)
+
+    def batch(self, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """pixel_values (n, 3, T, T) and labels (ignored entries are -100)."""
+        images, labels = zip(*(self.sample() for _ in range(n)))
+        pixels = torch.cat([self.processor(image).pixel_values for image in images])
+        return pixels, {key: torch.tensor([label[key] for label in labels]) for key in labels[0]}
+
+    def sample(self):
+        from PIL import Image, ImageDraw
+
+        t, rng, cells = self.spec.tile_size, self.rng, self.grid * self.grid
+        if rng.random() < self.spec.word_fraction:
+            word = int(rng.integers(len(WORDS)))
+            image = scenes.word_image(WORDS[word], t, t, rng, size=int(rng.integers(13, 25)),
+                                      at=(0.5 + rng.uniform(-0.3, 0.3), 0.5 + rng.uniform(-0.3, 0.3)))
+            return image, {"word": word + 1, "count": -100, "leftmost": -100, "colour_of": [-100] * len(SHAPES),
+                           "size_of": [-100] * len(SHAPES), "cell_colour": [-100] * cells, "cell_kind": [-100] * cells}
+        shapes = scenes.scene(rng, "train", int(rng.integers(1, 4)))
+        image = scenes.render(shapes, t, t, rng)
+        mask = Image.new("L", (t, t), 0)
+        for i, shape in enumerate(shapes):
+            scenes.draw_shape(ImageDraw.Draw(mask), shape, t, t, fill=i + 1)
+        colour_of, size_of = [0] * len(SHAPES), [-100] * len(SHAPES)
+        for shape in shapes:
+            colour_of[SHAPES.index(shape.kind)] = list(COLOURS).index(shape.colour) + 1
+            size_of[SHAPES.index(shape.kind)] = int(shape.big)
+        cell_colour, cell_kind = [0] * cells, [0] * cells
+        side = t // self.grid
+        owners = np.asarray(mask).reshape(self.grid, side, self.grid, side).transpose(0, 2, 1, 3).reshape(cells, -1)
+        for cell, pixels in enumerate(owners):
+            covered = np.bincount(pixels, minlength=len(shapes) + 1)[1:]
+            if covered.max() >= 0.05 * side * side:  # a shape covers at least 5 % of the cell
+                owner = shapes[int(covered.argmax())]
+                cell_colour[cell] = list(COLOURS).index(owner.colour) + 1
+                cell_kind[cell] = SHAPES.index(owner.kind) + 1
+        leftmost = min(shapes, key=lambda s: s.x)
+        return image, {"word": 0, "count": len(shapes), "leftmost": SHAPES.index(leftmost.kind),
+                       "colour_of": colour_of, "size_of": size_of, "cell_colour": cell_colour, "cell_kind": cell_kind}
+
+
+class _VisionHeads(nn.Module):
+    """Linear read-outs: per pooled token (colour, kind under it) and per image (mean of the tokens)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        k, c = len(SHAPES), len(COLOURS) + 1
+        self.sizes = {"cell_colour": c, "cell_kind": k + 1, "word": len(WORDS) + 1, "count": 4, "leftmost": k,
+                      "colour_of": c, "size_of": 2}
+        self.per_kind = {"colour_of", "size_of"}
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, n * (k if name in self.per_kind else 1))
+                                    for name, n in self.sizes.items()})
+
+    def logits(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens (N, L, D) -> {label: (..., classes)} shaped like the labels plus a class axis."""
+        pooled = tokens.mean(1)
+        out = {}
+        for name, head in self.heads.items():
+            if name.startswith("cell_"):
+                out[name] = head(tokens)
+            elif name in self.per_kind:
+                out[name] = head(pooled).view(len(pooled), len(SHAPES), self.sizes[name])
+            else:
+                out[name] = head(pooled)
+        return out
+
+    def loss(self, tokens: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of the cross-entropies of every label the batch has (a batch of scenes has no word)."""
+        return sum(F.cross_entropy(logits.flatten(0, -2), labels[name].flatten(), ignore_index=-100)
+                   for name, logits in self.logits(tokens).items() if (labels[name] != -100).any())
+
+    @torch.no_grad()
+    def accuracy(self, tokens: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Per label, over labelled entries (dense ones: only cells a shape covers)."""
+        scores = {}
+        for name, logits in self.logits(tokens).items():
+            target = labels[name]
+            keep = target > 0 if name.startswith("cell_") or name in ("word", "colour_of") else target != -100
+            scores[name] = round(100 * (logits.argmax(-1) == target)[keep].float().mean().item(), 1)
+        return scores
+
+
+def pretrain_vision(recipe: EncoderPretraining, out: Path, scale: float = 1.0, log=print) -> dict[str, float]:
+    """Train the tower on rendered scenes and words; save it to `out` (HF folder); held-out accuracies."""
+    from omniforge.model.omni import PREPROCESSOR_FILE
+    from omniforge.model.vision import VisionEncoder
+    from omniforge.processing.image import SIGLIP_MEAN, SIGLIP_STD
+
+    spec = recipe.vision
+    config = from_dict(VisionConfig, {"arch": spec.arch, "tile_size": spec.tile_size, "pool": spec.pool})
+    encoder = VisionEncoder.from_config(config, torch.float32)
+    heads = _VisionHeads(encoder.hidden_size)
+    sampler = _SceneSampler(spec, int(math.isqrt(encoder.tokens_per_tile)), recipe.seed)
+    steps = max(1, round(spec.steps * scale))
+
+    def step() -> torch.Tensor:
+        pixels, labels = sampler.batch(spec.batch_size)
+        return heads.loss(encoder(pixels), labels)
+
+    _fit(encoder, heads, recipe, spec.lr, steps, step, "vision", log)
+    pixels, labels = _SceneSampler(spec, sampler.grid, recipe.seed + 1).batch(512)  # fresh images
+    with torch.no_grad():
+        scores = heads.accuracy(encoder(pixels), labels)
+    log(f"  vision stand-in, held-out accuracy %: {scores}")
+    encoder.tower.save_pretrained(out)
+    (out / PREPROCESSOR_FILE).write_text(json.dumps({"image_mean": list(SIGLIP_MEAN), "image_std": list(SIGLIP_STD),
+                                                      "size": {"height": spec.tile_size, "width": spec.tile_size}}))
+    return scores
+
+
+# --------------------------------------------------------------------------- audio
+
+
+def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: float = 1.0, log=print) -> dict[str, float]:
+    """CTC-train the encoder on `world/train/asr.jsonl` over the world's tokenizer; save it to `out`;
+    greedy CTC WER (%) on `world/val/asr.jsonl`."""
+    from transformers import AutoTokenizer
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from omniforge.eval.metrics import wer
+    from omniforge.model.loading import hf_config
+
+    spec = recipe.audio
+    encoder = WhisperEncoder(hf_config(None, spec.arch, "audio.arch"))
+    tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer", local_files_only=True)
+    train, val = _utterances(world / "train" / "asr.jsonl", encoder, tokenizer, log), \
+        _utterances(world / "val" / "asr.jsonl", encoder, tokenizer, log)
+    blank = len(tokenizer)
+    head = nn.Linear(encoder.config.d_model, blank + 1)
+    rng = np.random.default_rng(recipe.seed)
+
+    def log_probs(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = encoder(input_features=torch.stack([u.features for u in batch])).last_hidden_state
+        return head(hidden).log_softmax(-1), torch.tensor([u.frames for u in batch])
+
+    def step() -> torch.Tensor:
+        batch = [train[i] for i in rng.integers(len(train), size=spec.batch_size)]
+        scores, lengths = log_probs(batch)
+        targets = torch.cat([torch.tensor(u.ids) for u in batch])
+        return F.ctc_loss(scores.transpose(0, 1), targets, lengths, torch.tensor([len(u.ids) for u in batch]),
+                          blank=blank, zero_infinity=True)
+
+    _fit(encoder, head, recipe, spec.lr, max(1, round(spec.steps * scale)), step, "audio", log)
+    with torch.no_grad():
+        scores, lengths = log_probs(val)
+    hypotheses = [tokenizer.decode(_ctc_greedy(s[:n], blank)) for s, n in zip(scores, lengths.tolist())]
+    result = {"ctc_wer": round(wer(hypotheses, [u.text for u in val]), 1)}
+    log(f"  audio stand-in, greedy CTC on {len(val)} validation utterances: {result['ctc_wer']} % WER")
+    encoder.save_pretrained(out)
+    return result
+
+
+@dataclass
+class _Utterance:
+    features: torch.Tensor
+    """(n_mels, window_frames) log-mel of the one window the utterance fits in."""
+    frames: int
+    """Encoder frames that hold speech (CTC input length)."""
+    ids: list[int]
+    text: str
+
+
+def _utterances(file: Path, encoder, tokenizer, log) -> list[_Utterance]:
+    """Transcribed utterances of an ASR file; longer than one encoder window: skipped and counted."""
+    from omniforge.processing.audio import AudioProcessor, load_audio
+    from omniforge.processing.counts import ENCODER_STRIDE
+
+    window = encoder.config.max_source_positions * ENCODER_STRIDE
+    processor = AudioProcessor(encoder.config.num_mel_bins, window_frames=window)
+    found, skipped = [], 0
+    for line in file.read_text().splitlines():
+        record = json.loads(line)
+        features = processor(load_audio(file.parent / record["audios"][0]))
+        text = record["messages"][-1]["content"]
+        if len(features.valid_frames) > 1:
+            skipped += 1
+            continue
+        found.append(_Utterance(features.features[0], int(features.valid_frames[0]) // ENCODER_STRIDE,
+                                tokenizer(text)["input_ids"], text))
+    if skipped:
+        log(f"  {file}: {skipped} utterances longer than one {window // 100}-s window skipped")
+    return found
+
+
+def _ctc_greedy(log_probs: torch.Tensor, blank: int) -> list[int]:
+    """Best path: argmax per frame, repeats merged, blanks dropped."""
+    best = log_probs.argmax(-1).tolist()
+    return [t for i, t in enumerate(best) if t != blank and (i == 0 or t != best[i - 1])]
+
+
+def _fit(encoder: nn.Module, heads: nn.Module, recipe: EncoderPretraining, lr: float, steps: int, step,
+         name: str, log) -> None:
+    """AdamW with warm-up and cosine decay over `steps` calls of `step()` (which returns the loss)."""
+    from tqdm import tqdm
+
+    params = list(encoder.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
+    warmup, floor = min(recipe.warmup_steps, steps // 4), recipe.min_lr_ratio
+    encoder.train()
+    progress = tqdm(range(steps), desc=f"pretraining the {name} encoder", leave=False)
+    for i in progress:
+        cosine = 0.5 * (1 + math.cos(math.pi * i / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (i + 1) / max(1, warmup)) * (floor + (1 - floor) * cosine)
+        loss = step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    progress.close()
+    encoder.eval()
+    log(f"  {name} stand-in: {steps} steps, final loss {loss.item():.3f}")
