@@ -81,10 +81,6 @@ class AdapterConfig:
     """Linear layers (>= 1); a GELU sits between consecutive ones."""
     hidden_size: int | None = None
     """Width of the hidden layers; the LLM's hidden size when None."""
-    input_norm: bool = False
-    """LayerNorm over the encoder features before the first layer (InternVL's projector)."""
-    output_norm: bool = False
-    """RMSNorm after the last layer, its gain set to the scale of the LLM's input embeddings."""
 
     def validate(self, key: str) -> None:
         require(self.num_layers >= 1, f"{key}.num_layers", "must be >= 1")

@@ -47,11 +47,11 @@ class OmniModel(nn.Module):
         self.config, self.llm, self.tokenizer = config, llm, tokenizer
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(len(tokenizer))
+        hidden = llm.get_input_embeddings().embedding_dim
         dtype = llm.get_input_embeddings().weight.dtype
         self.vision, self.audio = vision, audio
-        embeddings = llm.get_input_embeddings().weight
-        self.vision_adapter = _adapter(vision, vision_adapter, config.vision_adapter, embeddings, dtype)
-        self.audio_adapter = _adapter(audio, audio_adapter, config.audio_adapter, embeddings, dtype)
+        self.vision_adapter = _adapter(vision, vision_adapter, config.vision_adapter, hidden, dtype)
+        self.audio_adapter = _adapter(audio, audio_adapter, config.audio_adapter, hidden, dtype)
         self.run_all_encoders = False
         """Run every encoder on every batch (a dummy input when a batch has none of its media), so
         that data-parallel ranks with different media mixes all use every trainable parameter."""
@@ -215,13 +215,10 @@ class OmniModel(nn.Module):
         return self.llm.get_input_embeddings().weight.device
 
 
-def _adapter(encoder, adapter, config, embeddings: torch.Tensor, dtype):
+def _adapter(encoder, adapter, config, hidden, dtype):
     if encoder is None or adapter is not None:
         return adapter
-    adapter = MLPAdapter(encoder.hidden_size, embeddings.shape[1], config.num_layers, config.hidden_size,
-                         config.input_norm, config.output_norm)
-    adapter.match_embeddings(embeddings)
-    return adapter.to(dtype)
+    return MLPAdapter(encoder.hidden_size, hidden, config.num_layers, config.hidden_size).to(dtype)
 
 
 def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
