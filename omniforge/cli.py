@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="synthesise a world, train every stage, score every modality, report")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for world, run, checkpoint, report")
-    demo.add_argument("--quick", action="store_true", help="small world, 1/8 of the steps (~3 minutes)")
+    demo.add_argument("--quick", action="store_true", help="small world, 1/12 of the steps (under 3 minutes)")
     demo.add_argument("--seed", type=int, default=0)
 
     synth = commands.add_parser("synth", help="write the synthetic multimodal world (JSONL + media + tokenizer)")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     encoders = commands.add_parser("encoders", help="pretrain the micro model's stand-in encoders on a synthetic world")
     encoders.add_argument("--world", type=Path, required=True, help="a folder written by `omniforge synth`")
     encoders.add_argument("--recipe", type=Path, default=None, help="default: recipes/micro_encoders.yaml")
-    encoders.add_argument("--quick", action="store_true", help="a tenth of the steps")
+    encoders.add_argument("--quick", action="store_true", help="a twentieth of the steps")
 
     train = commands.add_parser("train", help="run a recipe's stages (key=value overrides after the recipe)")
     train.add_argument("recipe", type=Path)

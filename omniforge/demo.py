@@ -21,7 +21,7 @@ from omniforge.train.encoders import pretrain_encoders
 from omniforge.train.recipe import load_recipe
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
-QUICK_STEPS = 1 / 8
+QUICK_STEPS = 1 / 12
 """--quick trains this fraction of each stage's steps."""
 EVAL_BATCH = 32
 EVAL_LIMIT = 64

@@ -100,6 +100,9 @@ class TaskSpec:
     kind: str
     path: Path
 
+    def __post_init__(self):
+        self.path = Path(self.path)  # a str from Python callers works too
+
 
 def parse_task_spec(text: str) -> TaskSpec:
     """`KIND=PATH` or `LABEL:KIND=PATH`; the kind must be a known reader."""

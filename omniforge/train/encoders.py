@@ -36,8 +36,8 @@ from omniforge.data.synthetic import scenes
 from omniforge.data.synthetic.scenes import COLOURS, SHAPES, WORDS
 
 ENCODERS_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "micro_encoders.yaml"
-QUICK_STEPS = 1 / 10
-"""--quick trains this fraction of the steps."""
+QUICK_STEPS = 1 / 20
+"""--quick trains this fraction of the steps (a smoke run: the path, not the accuracy)."""
 
 
 @dataclass
