@@ -143,6 +143,14 @@ def test_vision_pretraining_labels_match_the_rendered_pixels():
     assert checked > 20
 
 
+def test_encoder_pretraining_needs_a_world(tmp_path):
+    from omniforge.errors import ConfigError
+    from omniforge.train.encoders import pretrain_encoders
+
+    with pytest.raises(ConfigError, match="omniforge synth"):
+        pretrain_encoders(tmp_path)
+
+
 def test_ctc_best_path_merges_repeats_and_drops_blanks():
     import torch
 

@@ -34,6 +34,7 @@ from torch import nn
 from omniforge.config import VisionConfig, from_dict, read_yaml, require
 from omniforge.data.synthetic import scenes
 from omniforge.data.synthetic.scenes import COLOURS, SHAPES, WORDS
+from omniforge.errors import ConfigError
 
 ENCODERS_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "micro_encoders.yaml"
 QUICK_STEPS = 1 / 20
@@ -51,8 +52,11 @@ class VisionPretraining:
     pool: int = 2
     """Pooling factor of the patch grid, as the micro model pools (dense labels are per pooled token)."""
     steps: int = 600
+    """Optimizer steps (images are rendered afresh for each one)."""
     batch_size: int = 64
+    """Images a step."""
     lr: float = 1e-3
+    """Peak AdamW learning rate (warm-up, then cosine)."""
     word_fraction: float = 0.2
     """Share of rendered words (OCR) among the images; the rest are scenes of 1-3 shapes."""
 
@@ -67,8 +71,11 @@ class AudioPretraining:
     arch: dict[str, Any]
     """HF Whisper config kwargs (`model_type: whisper`)."""
     steps: int = 500
+    """Optimizer steps over the training ASR utterances (sampled with replacement)."""
     batch_size: int = 32
+    """Utterances a step."""
     lr: float = 2e-3
+    """Peak AdamW learning rate (warm-up, then cosine)."""
 
     def validate(self, key: str) -> None:
         require(self.steps > 0 and self.batch_size > 0, f"{key}.steps", "steps and batch_size must be > 0")
@@ -97,6 +104,10 @@ def pretrain_encoders(world: str | Path, recipe: EncoderPretraining | None = Non
                       log=print) -> dict[str, dict]:
     """Pretrain both stand-ins; writes `world/encoders/{vision,audio}/`; returns their held-out metrics."""
     world = Path(world)
+    for needed in ("tokenizer", "train/asr.jsonl", "val/asr.jsonl"):
+        if not (world / needed).exists():
+            raise ConfigError(f"{world}: no {needed}; is it a synthetic world? (write one with "
+                              f"`omniforge synth --out {world}`)")
     recipe = recipe or load_encoder_recipe()
     scale = QUICK_STEPS if quick else 1.0
     torch.manual_seed(recipe.seed)
