@@ -6,7 +6,7 @@ every modality on the held-out test split -> a report folder (markdown, JSON, pl
 PocketSphinx's WER on the same ASR audio beside ours -> two example answers.
 
     omniforge demo --out runs/demo            # ~14 minutes on 2 cores
-    omniforge demo --out runs/demo --quick    # the same path, small world and few steps (~2.5 minutes)
+    omniforge demo --out runs/demo --quick    # the same path, small world and few steps (~2 minutes)
 """
 
 from __future__ import annotations
