@@ -212,13 +212,14 @@ def pretrain_vision(recipe: EncoderPretraining, out: Path, scale: float = 1.0, l
     """Train the tower on rendered scenes and words; save it to `out` (HF folder); held-out accuracies."""
     from omniforge.model.omni import PREPROCESSOR_FILE
     from omniforge.model.vision import VisionEncoder
+    from omniforge.processing.counts import pooled_grid
     from omniforge.processing.image import SIGLIP_MEAN, SIGLIP_STD
 
     spec = recipe.vision
     config = from_dict(VisionConfig, {"arch": spec.arch, "tile_size": spec.tile_size, "pool": spec.pool})
     encoder = VisionEncoder.from_config(config, torch.float32)
     heads = _VisionHeads(encoder.hidden_size)
-    sampler = _SceneSampler(spec, int(math.isqrt(encoder.tokens_per_tile)), recipe.seed)
+    sampler = _SceneSampler(spec, pooled_grid(encoder.grid, encoder.pool), recipe.seed)
     steps = max(1, round(spec.steps * scale))
 
     def step() -> torch.Tensor:
@@ -246,13 +247,15 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     from omniforge.eval.metrics import wer
+    from omniforge.model.audio import AudioEncoder
     from omniforge.model.loading import hf_config
 
     spec = recipe.audio
-    encoder = WhisperEncoder(hf_config(None, spec.arch, "audio.arch"))
+    audio = AudioEncoder(WhisperEncoder(hf_config(None, spec.arch, "audio.arch")))  # for its window geometry
+    encoder = audio.encoder
     tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer", local_files_only=True)
-    train, val = _utterances(world / "train" / "asr.jsonl", encoder, tokenizer, log), \
-        _utterances(world / "val" / "asr.jsonl", encoder, tokenizer, log)
+    train, val = _utterances(world / "train" / "asr.jsonl", audio, tokenizer, log), \
+        _utterances(world / "val" / "asr.jsonl", audio, tokenizer, log)
     blank = len(tokenizer)
     head = nn.Linear(encoder.config.d_model, blank + 1)
     rng = np.random.default_rng(recipe.seed)
@@ -288,13 +291,13 @@ class _Utterance:
     text: str
 
 
-def _utterances(file: Path, encoder, tokenizer, log) -> list[_Utterance]:
+def _utterances(file: Path, audio, tokenizer, log) -> list[_Utterance]:
     """Transcribed utterances of an ASR file; longer than one encoder window: skipped and counted."""
     from omniforge.processing.audio import AudioProcessor, load_audio
     from omniforge.processing.counts import ENCODER_STRIDE
 
-    window = encoder.config.max_source_positions * ENCODER_STRIDE
-    processor = AudioProcessor(encoder.config.num_mel_bins, window_frames=window)
+    window = audio.geometry.window_frames
+    processor = AudioProcessor(audio.num_mel_bins, window_frames=window)
     found, skipped = [], 0
     for line in file.read_text().splitlines():
         record = json.loads(line)
