@@ -148,6 +148,15 @@ def test_lora_trains_adapters_only_and_merges_into_the_weights(tiny, dataset):
 
 # --------------------------------------------------------------------------- data
 
+def test_learning_rate_warms_up_linearly_then_decays_to_the_floor():
+    from omniforge.train.loop import warmup_cosine
+
+    factor = warmup_cosine(warmup=4, steps=20, floor=0.1)
+    assert [factor(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == 1.0 and factor(12) == pytest.approx(0.55) and factor(20) == pytest.approx(0.1)
+    assert all(factor(i) >= factor(i + 1) for i in range(4, 30))  # never rises again, stays at the floor
+
+
 def test_mixture_is_deterministic_weighted_and_resumable(dataset, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(i)}]}) + "\n" for i in range(5)))

@@ -140,6 +140,8 @@ def test_vision_pretraining_labels_match_the_rendered_pixels():
         assert 1 <= labels["count"] <= 3 and sum(c > 0 for c in labels["colour_of"]) == labels["count"]
         drawn = {(list(scenes.COLOURS)[c - 1], scenes.SHAPES[k]) for k, c in enumerate(labels["colour_of"]) if c}
         assert not drawn & scenes.HELD_OUT  # pretraining sees only the training combinations
+        mirrored = {(list(scenes.COLOURS)[c], scenes.SHAPES[k - 1]) for c, k in enumerate(labels["kind_of"]) if k}
+        assert mirrored == drawn  # distinct colours: "what shape is red?" has one answer
     assert checked > 20
 
 

@@ -10,7 +10,9 @@ training side only (training (colour, shape) pairs, training voices):
 
 - vision: scenes and words rendered on the fly by `omniforge.data.synthetic.scenes`;
   per pooled token, the colour and shape under it (dense labels from a rendered label map);
-  per image, the count, each shape's colour and size, the leftmost shape and the word.
+  per image, the count, each shape's colour, size and place (thirds of the width and height),
+  each colour's shape, the leftmost shape and its colour, and the word (the facts a caption or
+  a question about the image states). Besides scenes, single shapes on a clip's path.
 - audio: CTC over the world's own tokenizer on the training ASR speech (`train/asr.jsonl`).
 
     omniforge encoders --world runs/world          # -> runs/world/encoders/{vision,audio}/
@@ -21,7 +23,6 @@ training side only (training (colour, shape) pairs, training voices):
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ class VisionPretraining:
     lr: float = 1e-3
     """Peak AdamW learning rate (warm-up, then cosine)."""
     word_fraction: float = 0.2
-    """Share of rendered words (OCR) among the images; the rest are scenes of 1-3 shapes."""
+    """Share of rendered words (OCR) among the images."""
+    frame_fraction: float = 0.2
+    """Share of clip frames (one small shape somewhere on a moving clip's path); the rest are scenes."""
 
     def validate(self, key: str) -> None:
         require(self.steps > 0 and self.batch_size > 0, f"{key}.steps", "steps and batch_size must be > 0")
@@ -135,36 +138,53 @@ class _SceneSampler:
         return pixels, {key: torch.tensor([label[key] for label in labels]) for key in labels[0]}
 
     def sample(self):
+        """One image and its labels: a rendered word, a clip frame (one small shape on its path) or a
+        scene of 1-3 shapes."""
         from PIL import Image, ImageDraw
 
         t, rng, cells = self.spec.tile_size, self.rng, self.grid * self.grid
-        if rng.random() < self.spec.word_fraction:
+        labels = {name: [-100] * slots if slots > 1 else -100 for name, slots in _label_slots(cells).items()}
+        draw = rng.random()
+        if draw < self.spec.word_fraction:
             word = int(rng.integers(len(WORDS)))
             image = scenes.word_image(WORDS[word], t, t, rng, size=int(rng.integers(13, 25)),
                                       at=(0.5 + rng.uniform(-0.3, 0.3), 0.5 + rng.uniform(-0.3, 0.3)))
-            return image, {"word": word + 1, "count": -100, "leftmost": -100, "colour_of": [-100] * len(SHAPES),
-                           "size_of": [-100] * len(SHAPES), "cell_colour": [-100] * cells, "cell_kind": [-100] * cells}
-        shapes = scenes.scene(rng, "train", int(rng.integers(1, 4)))
+            return image, {**labels, "word": word + 1}
+        if draw < self.spec.word_fraction + self.spec.frame_fraction:
+            allowed = scenes.pairs("train")
+            colour, kind = allowed[rng.integers(len(allowed))]
+            shapes = [scenes.moving_shape(colour, kind, scenes.DIRECTIONS[rng.integers(4)], rng.random())]
+        else:
+            shapes = scenes.scene(rng, "train", int(rng.integers(1, 4)))
         image = scenes.render(shapes, t, t, rng)
         mask = Image.new("L", (t, t), 0)
         for i, shape in enumerate(shapes):
             scenes.draw_shape(ImageDraw.Draw(mask), shape, t, t, fill=i + 1)
-        colour_of, size_of = [0] * len(SHAPES), [-100] * len(SHAPES)
-        for shape in shapes:
-            colour_of[SHAPES.index(shape.kind)] = list(COLOURS).index(shape.colour) + 1
-            size_of[SHAPES.index(shape.kind)] = int(shape.big)
-        cell_colour, cell_kind = [0] * cells, [0] * cells
+        labels.update(word=0, count=len(shapes), colour_of=[0] * len(SHAPES), kind_of=[0] * len(COLOURS),
+                      cell_colour=[0] * cells, cell_kind=[0] * cells)
+        for shape in shapes:  # a scene's shapes have distinct kinds and colours
+            kind, colour = SHAPES.index(shape.kind), list(COLOURS).index(shape.colour)
+            labels["colour_of"][kind], labels["kind_of"][colour] = colour + 1, kind + 1
+            labels["size_of"][kind] = int(shape.big)
+            labels["x_of"][kind], labels["y_of"][kind] = (min(2, int(3 * v)) for v in (shape.x, shape.y))
         side = t // self.grid
         owners = np.asarray(mask).reshape(self.grid, side, self.grid, side).transpose(0, 2, 1, 3).reshape(cells, -1)
         for cell, pixels in enumerate(owners):
             covered = np.bincount(pixels, minlength=len(shapes) + 1)[1:]
             if covered.max() >= 0.05 * side * side:  # a shape covers at least 5 % of the cell
                 owner = shapes[int(covered.argmax())]
-                cell_colour[cell] = list(COLOURS).index(owner.colour) + 1
-                cell_kind[cell] = SHAPES.index(owner.kind) + 1
+                labels["cell_colour"][cell] = list(COLOURS).index(owner.colour) + 1
+                labels["cell_kind"][cell] = SHAPES.index(owner.kind) + 1
         leftmost = min(shapes, key=lambda s: s.x)
-        return image, {"word": 0, "count": len(shapes), "leftmost": SHAPES.index(leftmost.kind),
-                       "colour_of": colour_of, "size_of": size_of, "cell_colour": cell_colour, "cell_kind": cell_kind}
+        labels["leftmost"], labels["leftmost_colour"] = SHAPES.index(leftmost.kind), list(COLOURS).index(leftmost.colour)
+        return image, labels
+
+
+def _label_slots(cells: int) -> dict[str, int]:
+    """Entries per label: one per pooled token, per shape kind, per colour, or one per image."""
+    k, c = len(SHAPES), len(COLOURS)
+    return {"word": 1, "count": 1, "leftmost": 1, "leftmost_colour": 1, "colour_of": k, "kind_of": c,
+            "size_of": k, "x_of": k, "y_of": k, "cell_colour": cells, "cell_kind": cells}
 
 
 class _VisionHeads(nn.Module):
@@ -174,9 +194,9 @@ class _VisionHeads(nn.Module):
         super().__init__()
         k, c = len(SHAPES), len(COLOURS) + 1
         self.sizes = {"cell_colour": c, "cell_kind": k + 1, "word": len(WORDS) + 1, "count": 4, "leftmost": k,
-                      "colour_of": c, "size_of": 2}
-        self.per_kind = {"colour_of", "size_of"}
-        self.heads = nn.ModuleDict({name: nn.Linear(dim, n * (k if name in self.per_kind else 1))
+                      "leftmost_colour": c - 1, "colour_of": c, "kind_of": k + 1, "size_of": 2, "x_of": 3, "y_of": 3}
+        self.slots = {name: n for name, n in _label_slots(0).items() if n > 1}  # per shape kind / colour
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, n * self.slots.get(name, 1))
                                     for name, n in self.sizes.items()})
 
     def logits(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -186,8 +206,8 @@ class _VisionHeads(nn.Module):
         for name, head in self.heads.items():
             if name.startswith("cell_"):
                 out[name] = head(tokens)
-            elif name in self.per_kind:
-                out[name] = head(pooled).view(len(pooled), len(SHAPES), self.sizes[name])
+            elif name in self.slots:
+                out[name] = head(pooled).view(len(pooled), self.slots[name], self.sizes[name])
             else:
                 out[name] = head(pooled)
         return out
@@ -203,7 +223,7 @@ class _VisionHeads(nn.Module):
         scores = {}
         for name, logits in self.logits(tokens).items():
             target = labels[name]
-            keep = target > 0 if name.startswith("cell_") or name in ("word", "colour_of") else target != -100
+            keep = target > 0 if name.startswith("cell_") or name in ("word", "colour_of", "kind_of") else target != -100
             scores[name] = round(100 * (logits.argmax(-1) == target)[keep].float().mean().item(), 1)
         return scores
 
@@ -321,23 +341,25 @@ def _ctc_greedy(log_probs: torch.Tensor, blank: int) -> list[int]:
 
 def _fit(encoder: nn.Module, heads: nn.Module, recipe: EncoderPretraining, lr: float, steps: int, step,
          name: str, log) -> None:
-    """AdamW with warm-up and cosine decay over `steps` calls of `step()` (which returns the loss)."""
+    """AdamW with the training loop's warm-up and cosine decay over `steps` calls of `step()` (which
+    returns the loss)."""
     from tqdm import tqdm
+
+    from omniforge.train.loop import warmup_cosine
 
     params = list(encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
-    warmup, floor = min(recipe.warmup_steps, steps // 4), recipe.min_lr_ratio
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(min(recipe.warmup_steps, steps // 4), steps, recipe.min_lr_ratio))
     encoder.train()
     progress = tqdm(range(steps), desc=f"pretraining the {name} encoder", leave=False)
-    for i in progress:
-        cosine = 0.5 * (1 + math.cos(math.pi * i / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (i + 1) / max(1, warmup)) * (floor + (1 - floor) * cosine)
+    for _ in progress:
         loss = step()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        schedule.step()
         progress.set_postfix(loss=f"{loss.item():.3f}")
     progress.close()
     encoder.eval()

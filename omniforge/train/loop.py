@@ -93,7 +93,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
     optimizer = torch.optim.AdamW(param_groups(model, stage, settings.weight_decay), betas=(0.9, 0.95))
     mixture = open_mixture(stage.data, settings.seed)
     steps = stage.steps or _steps_for_epochs(stage, mixture, processor, dist.world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(stage, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage.warmup_steps, steps,
+                                                                            stage.min_lr_ratio))
     start_step, position = 0, 0
     if state is not None:
         dist.load_optimizer_state(model, optimizer, torch.load(Path(state["folder"]) / "optimizer.pt", weights_only=True))
@@ -180,8 +181,8 @@ def _initial_model(recipe: Recipe, first: StageConfig, out: Path, log: "_Log") -
     return OmniModel.from_config(recipe.model)
 
 
-def _schedule(stage: StageConfig, steps: int):
-    warmup, floor = stage.warmup_steps, stage.min_lr_ratio
+def warmup_cosine(warmup: int, steps: int, floor: float) -> Callable[[int], float]:
+    """The learning-rate factor at step i (from 0): linear warm-up to 1, then cosine down to `floor`."""
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -72,14 +72,15 @@ def render(shapes: list[Shape], width: int, height: int, rng: np.random.Generato
 
 
 def scene(rng: np.random.Generator, split: str, count: int) -> list[Shape]:
-    """`count` shapes of distinct kinds, spread left to right without overlapping."""
+    """`count` shapes of distinct kinds and distinct colours (so "what shape is red?" has one answer),
+    spread left to right without overlapping."""
     chosen = rng.choice(len(SHAPES), size=count, replace=False)
     allowed = pairs(split)
     shapes = []
     slots = rng.permutation(count)
     for i, kind_index in enumerate(chosen):
         kind = SHAPES[kind_index]
-        colours = [c for c, s in allowed if s == kind]
+        colours = [c for c, s in allowed if s == kind and c not in {shape.colour for shape in shapes}]
         colour = colours[rng.integers(len(colours))]
         x = (slots[i] + 0.5) / count
         shapes.append(Shape(colour, kind, bool(rng.integers(2)), x, 0.5 + rng.uniform(-0.12, 0.12), slot=1 / count))
@@ -110,6 +111,16 @@ class Clip:
     """(question, answer) pairs the clip answers, the main one first (a random one of its kind)."""
 
 
+DIRECTIONS = ("left", "right", "up", "down")
+
+
+def moving_shape(colour: str, kind: str, direction: str, progress: float) -> Shape:
+    """Where a clip's moving shape is at `progress` (0 to 1) of its path across the frame."""
+    t = 0.15 + 0.7 * progress
+    x, y = {"right": (t, 0.5), "left": (1 - t, 0.5), "down": (0.5, t), "up": (0.5, 1 - t)}[direction]
+    return Shape(colour, kind, False, x, y, slot=0.6)
+
+
 def moving_clip(rng: np.random.Generator, split: str, seconds: float, size: int, fps: float) -> Clip:
     """One shape crossing the frame (left, right, up or down), or shapes appearing one by one."""
     from PIL import Image, ImageDraw
@@ -118,13 +129,11 @@ def moving_clip(rng: np.random.Generator, split: str, seconds: float, size: int,
     allowed = pairs(split)
     if rng.random() < 0.5:
         colour, kind = allowed[rng.integers(len(allowed))]
-        direction = ("left", "right", "up", "down")[rng.integers(4)]
+        direction = DIRECTIONS[rng.integers(4)]
         frames = []
         for i in range(n):
-            t = 0.15 + 0.7 * i / (n - 1)
-            x, y = {"right": (t, 0.5), "left": (1 - t, 0.5), "down": (0.5, t), "up": (0.5, 1 - t)}[direction]
             image = Image.new("RGB", (size, size), BACKGROUND)
-            draw_shape(ImageDraw.Draw(image), Shape(colour, kind, False, x, y, slot=0.6), size, size)
+            draw_shape(ImageDraw.Draw(image), moving_shape(colour, kind, direction, i / (n - 1)), size, size)
             frames.append(np.asarray(image))
         return Clip(frames, fps, [(f"Which way does the {colour} {kind} move?", direction),
                                   (f"What colour is the moving {kind}?", colour)])
