@@ -26,6 +26,8 @@ QUICK_STEPS = 1 / 12
 EVAL_BATCH = 32
 EVAL_LIMIT = 64
 """Test samples scored per task after each stage (the full run; --quick scores its whole test split)."""
+BY_QUESTION = ("image_qa", "video_qa")
+"""Tasks whose final scores the report also breaks down by kind of question."""
 MAX_NEW_TOKENS = 32
 """Longest answer the world asks for (a transcript) is ~20 tokens."""
 
@@ -86,17 +88,21 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     shutil.copytree(final, out / "checkpoint")
 
+    last = out / "eval" / recipe.stages[-1].name / "predictions" / "synth"
+    breakdown = {task: by_question(last / f"{task}.jsonl", world / "test" / f"{task}.jsonl") for task in BY_QUESTION}
     tick = time.perf_counter()
     peer = pocketsphinx_wer(world / "test" / "asr.jsonl", limit)
     timings["pocketsphinx"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
-    report = {"quick": quick, "seed": seed, "encoders": encoders, "stages": rows, "pocketsphinx": peer,
-              "examples": examples(out / "checkpoint", world / "test"), "timings_seconds": timings,
+    report = {"quick": quick, "seed": seed, "encoders": encoders, "stages": rows, "by_question": breakdown,
+              "pocketsphinx": peer, "examples": examples(out / "checkpoint", world / "test"), "timings_seconds": timings,
               "recipe": str(TINY_RECIPE), "checkpoint": str(out / "checkpoint")}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_report(out, report)
     print(f"\nASR on the same {peer['utterances']} test utterances: ours {pct(final_score(rows, 'asr', 'wer'))} WER, "
           f"PocketSphinx (its own English model) {pct(peer['wer'])} WER")
+    for task, questions in breakdown.items():
+        print(f"{task} by kind of question: " + ", ".join(f"{q} {pct(v['accuracy'])}" for q, v in questions.items()))
     for example in report["examples"]:
         print(f"\n{example['what']}\n  Q: {example['question']}\n  A: {example['answer']}   (reference: {example['reference']})")
     print(f"\nreport: {out / 'report.md'}  figures: {out / 'report.json'}  checkpoint: {out / 'checkpoint'}  "
@@ -115,6 +121,21 @@ def format_table(rows: list[dict]) -> str:
             cells.append("-" if value is None else pct(value) if kind == "pct" else f"{value:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def by_question(predictions: Path, source: Path) -> dict[str, dict]:
+    """Accuracy of one task's predictions per kind of question: the question with its colour and
+    shape words masked ("What colour is the <shape>?"), so that a weak skill shows by name."""
+    from omniforge.data.synthetic.scenes import COLOURS, SHAPES
+
+    masks = {**{c: "<colour>" for c in COLOURS}, **{k: "<shape>" for k in SHAPES}}
+    records = [json.loads(line) for line in source.read_text().splitlines()]
+    groups: dict[str, list[int]] = {}
+    for record, line in zip(records, predictions.read_text().splitlines()):
+        question = [m["content"] for m in record["messages"] if m["role"] == "user"][-1].split("\n")[-1]
+        template = " ".join(masks.get(w.strip("?"), w.strip("?")) for w in question.split()) + "?"
+        groups.setdefault(template, []).append(int(bool(json.loads(line).get("correct"))))
+    return {t: {"accuracy": 100 * sum(v) / len(v), "questions": len(v)} for t, v in sorted(groups.items())}
 
 
 def pct(value: float | None) -> str:
@@ -184,6 +205,10 @@ def write_report(out: Path, report: dict) -> None:
         format_table(report["stages"]), "",
         "Test data uses voices, speaking rates and (colour, shape) pairs never seen in training.", "",
         "![scores by stage](scores_by_stage.png)", "", "![training loss](loss.png)", "",
+        "## The final model by kind of question", "",
+        "| task | question | accuracy | questions |", "|---|---|---|---|",
+        *(f"| {task} | {q} | {pct(v['accuracy'])} | {v['questions']} |"
+          for task, questions in report["by_question"].items() for q, v in questions.items()), "",
         "## A real peer on the same audio", "",
         f"PocketSphinx (general-purpose English model shipped in its wheel) on the same "
         f"{peer['utterances']} test utterances: WER {pct(peer['wer'])}; ours after the last stage: "

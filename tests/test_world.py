@@ -112,6 +112,10 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     assert 0 <= final["asr"]["wer"] and 0 <= final["image_qa"]["exact_match"] <= 100
     assert report["pocketsphinx"]["utterances"] > 0 and report["pocketsphinx"]["wer"] is not None
     assert len(report["examples"]) == 2
+    kinds = report["by_question"]["image_qa"]  # the final image-QA score, split by kind of question
+    assert "What colour is the <shape>?" in kinds or "What shape is <colour>?" in kinds
+    scored = tmp_path / "demo" / "eval" / "3_cross_modal" / "predictions" / "synth" / "image_qa.jsonl"
+    assert sum(k["questions"] for k in kinds.values()) == len(scored.read_text().splitlines())
     for name in ("report.md", "scores_by_stage.png", "loss.png", "checkpoint/config.yaml"):
         assert (tmp_path / "demo" / name).is_file()
     assert "after stage" in result.stdout and "PocketSphinx" in result.stdout

@@ -10,9 +10,8 @@ training side only (training (colour, shape) pairs, training voices):
 
 - vision: scenes and words rendered on the fly by `omniforge.data.synthetic.scenes`;
   per pooled token, the colour and shape under it (dense labels from a rendered label map);
-  per image, the count, each shape's colour, size and place (thirds of the width and height),
-  each colour's shape, the leftmost shape and its colour, and the word (the facts a caption or
-  a question about the image states). Besides scenes, single shapes on a clip's path.
+  per image, the count, each shape's colour and size, each colour's shape, the leftmost shape
+  and its colour, and the word (the facts a caption or a question about the image states).
 - audio: CTC over the world's own tokenizer on the training ASR speech (`train/asr.jsonl`).
 
     omniforge encoders --world runs/world          # -> runs/world/encoders/{vision,audio}/
@@ -59,9 +58,7 @@ class VisionPretraining:
     lr: float = 1e-3
     """Peak AdamW learning rate (warm-up, then cosine)."""
     word_fraction: float = 0.2
-    """Share of rendered words (OCR) among the images."""
-    frame_fraction: float = 0.2
-    """Share of clip frames (one small shape somewhere on a moving clip's path); the rest are scenes."""
+    """Share of rendered words (OCR) among the images; the rest are scenes of 1-3 shapes."""
 
     def validate(self, key: str) -> None:
         require(self.steps > 0 and self.batch_size > 0, f"{key}.steps", "steps and batch_size must be > 0")
@@ -138,24 +135,17 @@ class _SceneSampler:
         return pixels, {key: torch.tensor([label[key] for label in labels]) for key in labels[0]}
 
     def sample(self):
-        """One image and its labels: a rendered word, a clip frame (one small shape on its path) or a
-        scene of 1-3 shapes."""
+        """One image and its labels: a rendered word or a scene of 1-3 shapes."""
         from PIL import Image, ImageDraw
 
         t, rng, cells = self.spec.tile_size, self.rng, self.grid * self.grid
         labels = {name: [-100] * slots if slots > 1 else -100 for name, slots in _label_slots(cells).items()}
-        draw = rng.random()
-        if draw < self.spec.word_fraction:
+        if rng.random() < self.spec.word_fraction:
             word = int(rng.integers(len(WORDS)))
             image = scenes.word_image(WORDS[word], t, t, rng, size=int(rng.integers(13, 25)),
                                       at=(0.5 + rng.uniform(-0.3, 0.3), 0.5 + rng.uniform(-0.3, 0.3)))
             return image, {**labels, "word": word + 1}
-        if draw < self.spec.word_fraction + self.spec.frame_fraction:
-            allowed = scenes.pairs("train")
-            colour, kind = allowed[rng.integers(len(allowed))]
-            shapes = [scenes.moving_shape(colour, kind, scenes.DIRECTIONS[rng.integers(4)], rng.random())]
-        else:
-            shapes = scenes.scene(rng, "train", int(rng.integers(1, 4)))
+        shapes = scenes.scene(rng, "train", int(rng.integers(1, 4)))
         image = scenes.render(shapes, t, t, rng)
         mask = Image.new("L", (t, t), 0)
         for i, shape in enumerate(shapes):
@@ -166,7 +156,6 @@ class _SceneSampler:
             kind, colour = SHAPES.index(shape.kind), list(COLOURS).index(shape.colour)
             labels["colour_of"][kind], labels["kind_of"][colour] = colour + 1, kind + 1
             labels["size_of"][kind] = int(shape.big)
-            labels["x_of"][kind], labels["y_of"][kind] = (min(2, int(3 * v)) for v in (shape.x, shape.y))
         side = t // self.grid
         owners = np.asarray(mask).reshape(self.grid, side, self.grid, side).transpose(0, 2, 1, 3).reshape(cells, -1)
         for cell, pixels in enumerate(owners):
@@ -184,7 +173,7 @@ def _label_slots(cells: int) -> dict[str, int]:
     """Entries per label: one per pooled token, per shape kind, per colour, or one per image."""
     k, c = len(SHAPES), len(COLOURS)
     return {"word": 1, "count": 1, "leftmost": 1, "leftmost_colour": 1, "colour_of": k, "kind_of": c,
-            "size_of": k, "x_of": k, "y_of": k, "cell_colour": cells, "cell_kind": cells}
+            "size_of": k, "cell_colour": cells, "cell_kind": cells}
 
 
 class _VisionHeads(nn.Module):
@@ -194,7 +183,7 @@ class _VisionHeads(nn.Module):
         super().__init__()
         k, c = len(SHAPES), len(COLOURS) + 1
         self.sizes = {"cell_colour": c, "cell_kind": k + 1, "word": len(WORDS) + 1, "count": 4, "leftmost": k,
-                      "leftmost_colour": c - 1, "colour_of": c, "kind_of": k + 1, "size_of": 2, "x_of": 3, "y_of": 3}
+                      "leftmost_colour": c - 1, "colour_of": c, "kind_of": k + 1, "size_of": 2}
         self.slots = {name: n for name, n in _label_slots(0).items() if n > 1}  # per shape kind / colour
         self.heads = nn.ModuleDict({name: nn.Linear(dim, n * self.slots.get(name, 1))
                                     for name, n in self.sizes.items()})

@@ -111,16 +111,6 @@ class Clip:
     """(question, answer) pairs the clip answers, the main one first (a random one of its kind)."""
 
 
-DIRECTIONS = ("left", "right", "up", "down")
-
-
-def moving_shape(colour: str, kind: str, direction: str, progress: float) -> Shape:
-    """Where a clip's moving shape is at `progress` (0 to 1) of its path across the frame."""
-    t = 0.15 + 0.7 * progress
-    x, y = {"right": (t, 0.5), "left": (1 - t, 0.5), "down": (0.5, t), "up": (0.5, 1 - t)}[direction]
-    return Shape(colour, kind, False, x, y, slot=0.6)
-
-
 def moving_clip(rng: np.random.Generator, split: str, seconds: float, size: int, fps: float) -> Clip:
     """One shape crossing the frame (left, right, up or down), or shapes appearing one by one."""
     from PIL import Image, ImageDraw
@@ -129,11 +119,13 @@ def moving_clip(rng: np.random.Generator, split: str, seconds: float, size: int,
     allowed = pairs(split)
     if rng.random() < 0.5:
         colour, kind = allowed[rng.integers(len(allowed))]
-        direction = DIRECTIONS[rng.integers(4)]
+        direction = ("left", "right", "up", "down")[rng.integers(4)]
         frames = []
         for i in range(n):
+            t = 0.15 + 0.7 * i / (n - 1)
+            x, y = {"right": (t, 0.5), "left": (1 - t, 0.5), "down": (0.5, t), "up": (0.5, 1 - t)}[direction]
             image = Image.new("RGB", (size, size), BACKGROUND)
-            draw_shape(ImageDraw.Draw(image), moving_shape(colour, kind, direction, i / (n - 1)), size, size)
+            draw_shape(ImageDraw.Draw(image), Shape(colour, kind, False, x, y, slot=0.6), size, size)
             frames.append(np.asarray(image))
         return Clip(frames, fps, [(f"Which way does the {colour} {kind} move?", direction),
                                   (f"What colour is the moving {kind}?", colour)])
