@@ -24,10 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import yaml  # noqa: E402
+
 import omniforge  # noqa: E402,F401
+from omniforge.config import apply_overrides  # noqa: E402
 from omniforge.eval.readers import TaskSpec, load_tasks  # noqa: E402
 from omniforge.eval.runner import evaluate  # noqa: E402
-from omniforge.model.omni import OmniModel  # noqa: E402
+from omniforge.model.omni import CONFIG_FILE, OmniModel  # noqa: E402
 from omniforge.train.loop import train  # noqa: E402
 from omniforge.train.recipe import load_recipe  # noqa: E402
 
@@ -41,19 +44,28 @@ def score(model, world: Path, task: str, out: Path) -> dict:
 
 
 def run_variant(demo: Path, out: Path, stage: str, overrides: list[str], scale: float) -> tuple[Path, float]:
-    """Train `stage` from the demo's previous export with `overrides`; returns (export, seconds)."""
+    """Train `stage` from the demo's previous export with `overrides`; returns (export, seconds).
+
+    A stage that starts from an export takes the model from the export's config, not from the
+    recipe's `model:`, so `model.*` overrides are written into the copied export's config.
+    """
+    model_overrides = [o.removeprefix("model.") for o in overrides if o.startswith("model.")]
     recipe = load_recipe(RECIPE, [f"data_dir={(demo / 'world').resolve()}", f"train.out_dir={out}",
                                   "train.checkpoint_every=0", *overrides])
     names = [s.name for s in recipe.stages]
     previous = names[names.index(stage) - 1]
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(demo / "train" / "stages" / previous, out / "stages" / previous)
+    start = out / "stages" / previous
+    shutil.copytree(demo / "train" / "stages" / previous, start)
+    config = start / CONFIG_FILE
+    config.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(config.read_text()), model_overrides),
+                                     sort_keys=False))
     target = recipe.stage(stage)
     target.steps = max(10, round(target.steps * scale))
     recipe.evals = []
-    start = time.perf_counter()
+    started = time.perf_counter()
     export = train(recipe, only_stage=stage)
-    return export, time.perf_counter() - start
+    return export, time.perf_counter() - started
 
 
 def main() -> None:
