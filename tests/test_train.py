@@ -263,6 +263,11 @@ def test_train_runs_stages_freezes_logs_and_exports(tmp_path, dataset):
     assert not any("lora_" in n for n in final.state_dict())  # merged into the exported weights
     assert not torch.equal(final.llm.model.layers[0].self_attn.q_proj.weight,
                            aligned.llm.model.layers[0].self_attn.q_proj.weight)
+    assert "warning" not in result.stdout
+    # a mid-recipe stage starts from the previous export: a model override cannot apply, and says so
+    again = run_cli("train", recipe, "model.vision.pool=1", "train.checkpoint_every=0", "--stage", "all")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the recipe's model sets vision.pool differently" in again.stdout
 
 
 def test_dry_run_prints_tables_and_budgets(tmp_path, dataset):

@@ -175,10 +175,29 @@ def _initial_model(recipe: Recipe, first: StageConfig, out: Path, log: "_Log") -
         previous = out / STAGES / names[index - 1]
         if (previous / "config.yaml").is_file():
             log.print(f"starting stage {first.name} from {previous}")
-            return OmniModel.from_pretrained(previous)
+            model = OmniModel.from_pretrained(previous)
+            differing = _model_differences(recipe.model, model.config)
+            if differing:
+                log.print(f"warning: the recipe's model sets {', '.join(differing)} differently from {previous}; "
+                          f"the export's settings are used (edit {previous / 'config.yaml'} to change them)")
+            return model
         log.print(f"warning: no export of stage {names[index - 1]} in {out / STAGES}; "
                   f"stage {first.name} starts from the recipe's model")
     return OmniModel.from_config(recipe.model)
+
+
+def _model_differences(ours, export) -> list[str]:
+    """Dotted model settings that differ between two OmniConfigs, where each part's weights live
+    (path, arch, tokenizer: an export names its own subfolders) aside."""
+    def flat(node: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in node.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return items
+
+    a, b = flat(asdict(ours)), flat(asdict(export))
+    located = ("path", "tokenizer")
+    return [k for k in a if a[k] != b.get(k) and ".arch." not in f".{k}" and k.split(".")[-1] not in located]
 
 
 def warmup_cosine(warmup: int, steps: int, floor: float) -> Callable[[int], float]:
