@@ -133,7 +133,7 @@ def by_question(predictions: Path, source: Path) -> dict[str, dict]:
     groups: dict[str, list[int]] = {}
     for record, line in zip(records, predictions.read_text().splitlines()):
         question = [m["content"] for m in record["messages"] if m["role"] == "user"][-1].split("\n")[-1]
-        template = " ".join(masks.get(w.strip("?"), w.strip("?")) for w in question.split()) + "?"
+        template = " ".join(masks.get(word, word) for word in question.rstrip("?").split()) + "?"
         groups.setdefault(template, []).append(int(bool(json.loads(line).get("correct"))))
     return {t: {"accuracy": 100 * sum(v) / len(v), "questions": len(v)} for t, v in sorted(groups.items())}
 
