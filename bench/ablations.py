@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 import omniforge  # noqa: E402,F401
-from omniforge.config import apply_overrides  # noqa: E402
+from omniforge.config import apply_overrides, parse_yaml  # noqa: E402
 from omniforge.eval.readers import TaskSpec, load_tasks  # noqa: E402
 from omniforge.eval.runner import evaluate  # noqa: E402
 from omniforge.model.omni import CONFIG_FILE, OmniModel  # noqa: E402
@@ -58,7 +58,7 @@ def run_variant(demo: Path, out: Path, stage: str, overrides: list[str], scale: 
     start = out / "stages" / previous
     shutil.copytree(demo / "train" / "stages" / previous, start)
     config = start / CONFIG_FILE
-    config.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(config.read_text()), model_overrides),
+    config.write_text(yaml.safe_dump(apply_overrides(parse_yaml(config.read_text()), model_overrides),
                                      sort_keys=False))
     target = recipe.stage(stage)
     target.steps = max(10, round(target.steps * scale))

@@ -4,11 +4,14 @@
 
 Prints real (non-padding) tokens/s with packing and with padded batches that hold the same
 samples, the padding waste of each, and the achieved FLOP/s of a training step (counted by
-torch's FlopCounterMode) as a fraction of a plain fp32 matmul's FLOP/s measured in the same run.
+torch's FlopCounterMode) as a fraction of a plain fp32 matmul's FLOP/s measured in the same run,
+and the time of a whole step (batch building included) with batches built inline and by a
+prefetch thread.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -21,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import omniforge  # noqa: F401
 from omniforge.config import load_config
 from omniforge.data.dataset import SampleStream, open_mixture
-from omniforge.data.packing import PackedBatches, PaddedBatches
+from omniforge.data.packing import PackedBatches, PaddedBatches, Prefetch
 from omniforge.data.synthetic.toy import write_toy_dataset
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
@@ -32,13 +35,16 @@ BUDGET = 2048
 STEPS = 12
 
 
-def train_steps(model, batches, steps) -> tuple[float, int, int]:
-    """Seconds, real tokens and capacity over `steps` optimizer steps (first two not timed)."""
+def train_steps(model, batches, steps, with_batching: bool = False) -> tuple[float, int, int]:
+    """Seconds, real tokens and capacity over `steps` optimizer steps (first two not timed);
+    with_batching: the seconds include getting each batch (building it, or waiting for a prefetch)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     seconds = tokens = capacity = 0
     for step in range(steps + 2):
-        batch = next(batches)
         start = time.perf_counter()
+        batch = next(batches)
+        if not with_batching:
+            start = time.perf_counter()
         loss = model(**batch.inputs).loss
         loss.backward()
         optimizer.step()
@@ -83,6 +89,9 @@ def main() -> None:
         packed_s, packed_tokens, packed_capacity = train_steps(model, packed, STEPS)
         padded_s, padded_tokens, padded_capacity = train_steps(model, padded, STEPS)
         flops = step_flops(model, next(PackedBatches(SampleStream(mixture, processor), processor, BUDGET)))
+        steps_with = {name: train_steps(model, wrap(PackedBatches(SampleStream(mixture, processor), processor, BUDGET)),
+                                        STEPS, with_batching=True)[0] / STEPS
+                      for name, wrap in (("inline", iter), ("prefetch thread", Prefetch))}
     packed_rate, padded_rate = packed_tokens / packed_s, padded_tokens / padded_s
     peak = matmul_flops_per_second()
     achieved = flops / (packed_s / STEPS)
@@ -96,6 +105,9 @@ def main() -> None:
     print(f"packing speed-up: {packed_rate / padded_rate:.2f}x")
     print(f"training step: {flops / 1e9:.2f} GFLOP in {packed_s / STEPS * 1000:.0f} ms = {achieved / 1e9:.2f} GFLOP/s; "
           f"plain 1024x1024 fp32 matmul: {peak / 1e9:.1f} GFLOP/s -> {achieved / peak:.1%} of matmul")
+    print(f"a step with its batch built inline: {steps_with['inline'] * 1000:.0f} ms; built by a prefetch thread: "
+          f"{steps_with['prefetch thread'] * 1000:.0f} ms ({os.cpu_count()} cores, {torch.get_num_threads()} "
+          f"intra-op threads; the training loop prefetches only with a core to spare)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ class AdapterConfig:
     """Linear layers (>= 1); a GELU sits between consecutive ones."""
     hidden_size: int | None = None
     """Width of the hidden layers; the LLM's hidden size when None."""
+    tile_positions: bool = False
+    """Vision only: add a learned embedding per token position within a tile or frame, so the LLM
+    knows where a token lies (the tower's own position signal fades with depth)."""
 
     def validate(self, key: str) -> None:
         require(self.num_layers >= 1, f"{key}.num_layers", "must be >= 1")
@@ -180,10 +184,23 @@ def load_config(path: str | Path, overrides: list[str] = (), cls: type[T] = Omni
         raise ConfigError(f"{path}: {e}") from None
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `2e-3` as a float, as YAML 1.2 does (PyYAML's YAML 1.1 wants `2.0e-3`
+    and would hand a learning rate over as a string)."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                  list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
     """The mapping in a YAML file; errors name the file (`what`: "config", "recipe", ...)."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {what} file") from None
     except yaml.YAMLError as e:
@@ -217,7 +234,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = parse_yaml(raw) if raw.strip() else None
     return data
 
 

@@ -22,6 +22,13 @@ def test_dotted_overrides_parse_values_as_yaml():
     assert config.llm.arch["num_hidden_layers"] == 1
 
 
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    # PyYAML alone reads `2e-3` as a string (YAML 1.1 wants a dot); YAML 1.2 and people mean a float
+    (tmp_path / "m.yaml").write_text("llm: {arch: {model_type: qwen2, rope_theta: 1e6}, tokenizer: byte-level}\n")
+    assert load_config(tmp_path / "m.yaml").llm.arch["rope_theta"] == 1_000_000.0
+    assert apply_overrides({}, ["a.lr=2e-3", "a.b=-1E+2", "a.name=e5"]) == {"a": {"lr": 0.002, "b": -100.0, "name": "e5"}}
+
+
 def test_override_can_drop_a_part():
     assert load_config(TINY, ["audio=null"]).audio is None
 

@@ -208,6 +208,28 @@ def test_padding_does_not_change_a_sequence(omni_model):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_tile_positions_tag_each_token_of_a_tile_and_survive_save_load(hf_parts, tmp_path):
+    config = omni_config(hf_parts)
+    config.vision_adapter.tile_positions = True
+    torch.manual_seed(0)
+    model = OmniModel.from_config(config).eval()
+    tokens = model.vision.tokens_per_tile
+    assert model.vision_adapter.positions.shape == (tokens, model.llm.config.hidden_size)
+    with torch.no_grad():
+        model.vision_adapter.positions.normal_()
+        same = torch.ones(2, tokens, model.vision.hidden_size)  # every token the same feature
+        out = model.vision_adapter(same)
+    assert torch.equal(out[0], out[1]) and not torch.allclose(out[0, 0], out[0, 1])  # per position, not per tile
+    with pytest.raises(ValueError, match="tokens a tile"):
+        model.vision_adapter(torch.ones(1, tokens + 1, model.vision.hidden_size))
+    model.save_pretrained(tmp_path / "ckpt")
+    reloaded = OmniModel.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(reloaded.vision_adapter.positions, model.vision_adapter.positions)
+    config.audio_adapter.tile_positions = True
+    with pytest.raises(ConfigError, match="audio_adapter.tile_positions"):
+        OmniModel.from_config(config)
+
+
 # --------------------------------------------------------------------------- save / load
 
 def test_save_load_round_trip_gives_identical_logits(omni_model, tmp_path):

@@ -157,6 +157,19 @@ def test_learning_rate_warms_up_linearly_then_decays_to_the_floor():
     assert all(factor(i) >= factor(i + 1) for i in range(4, 30))  # never rises again, stays at the floor
 
 
+@pytest.mark.parametrize("device, cores, threads, expected", [
+    ("cpu", 2, 2, False),  # every core is in the step: a prefetch thread would only take them away
+    ("cpu", 8, 4, True),
+    ("cuda", 2, 2, True),  # the CPU waits on the accelerator anyway
+])
+def test_batches_are_prefetched_only_where_cores_are_spare(monkeypatch, device, cores, threads, expected):
+    from omniforge.train import loop
+
+    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda _: set(range(cores)), raising=False)
+    monkeypatch.setattr(loop.torch, "get_num_threads", lambda: threads)
+    assert loop._prefetch_pays(torch.device(device)) is expected
+
+
 def test_mixture_is_deterministic_weighted_and_resumable(dataset, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(i)}]}) + "\n" for i in range(5)))

@@ -9,6 +9,7 @@ Batches are left-padded (attention_mask 0 on the left); positions count real tok
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -72,6 +73,7 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     prompt_embeds = model.embed(input_ids, **media)
     llm, embed_tokens = model.llm, model.llm.get_input_embeddings()
+    cache = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"  # 5.24 renamed it
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = llm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=positions, use_cache=config.use_cache)
     for _ in range(config.max_new_tokens):
@@ -100,7 +102,7 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
         positions = positions[:, -1:] + 1
         if config.use_cache:
             out = llm(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                      past_key_values=out.past_key_values, use_cache=True)
+                      use_cache=True, **{cache: getattr(out, cache)})
         else:
             full = torch.cat([prompt_embeds, embed_tokens(generated)], dim=1)
             out = llm(inputs_embeds=full, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),

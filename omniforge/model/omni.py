@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from omniforge.config import OmniConfig, load_config, save_config
-from omniforge.errors import CheckpointError, PlaceholderCountError
+from omniforge.errors import CheckpointError, ConfigError, PlaceholderCountError
 from omniforge.model.attention import PACKED_KEYS
 from omniforge.model.audio import AudioEncoder
 from omniforge.model.loading import load_llm
@@ -218,7 +218,12 @@ class OmniModel(nn.Module):
 def _adapter(encoder, adapter, config, hidden, dtype):
     if encoder is None or adapter is not None:
         return adapter
-    return MLPAdapter(encoder.hidden_size, hidden, config.num_layers, config.hidden_size).to(dtype)
+    positions = 0
+    if config.tile_positions:
+        if not isinstance(encoder, VisionEncoder):
+            raise ConfigError("audio_adapter.tile_positions: tiles are a vision notion; set it on vision_adapter")
+        positions = encoder.tokens_per_tile
+    return MLPAdapter(encoder.hidden_size, hidden, config.num_layers, config.hidden_size, positions).to(dtype)
 
 
 def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

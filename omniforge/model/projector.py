@@ -7,10 +7,17 @@ from torch import nn
 
 
 class MLPAdapter(nn.Module):
-    """`num_layers` linear layers with GELU between them: (..., in_dim) -> (..., out_dim)."""
+    """`num_layers` linear layers with GELU between them: (..., in_dim) -> (..., out_dim).
 
-    def __init__(self, in_dim: int, out_dim: int, num_layers: int = 2, hidden_size: int | None = None):
+    positions > 0 adds a learned embedding per index of the second-to-last axis, which must then
+    have that length: (tiles, positions, in_dim) -> (tiles, positions, out_dim), each token
+    tagged with where in its tile it lies.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_layers: int = 2, hidden_size: int | None = None,
+                 positions: int = 0):
         super().__init__()
+        self.positions = nn.Parameter(torch.zeros(positions, out_dim)) if positions else None
         hidden_size = hidden_size or out_dim
         dims = [in_dim] + [hidden_size] * (num_layers - 1) + [out_dim]
         layers: list[nn.Module] = []
@@ -21,4 +28,10 @@ class MLPAdapter(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
+        out = self.layers(features)
+        if self.positions is not None:
+            if out.shape[-2] != len(self.positions):
+                raise ValueError(f"MLPAdapter: {out.shape[-2]} tokens a tile, positions were sized for "
+                                 f"{len(self.positions)}")
+            out = out + self.positions
+        return out

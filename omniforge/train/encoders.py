@@ -142,8 +142,7 @@ class _SceneSampler:
         labels = {name: [-100] * slots if slots > 1 else -100 for name, slots in _label_slots(cells).items()}
         if rng.random() < self.spec.word_fraction:
             word = int(rng.integers(len(WORDS)))
-            image = scenes.word_image(WORDS[word], t, t, rng, size=int(rng.integers(13, 25)),
-                                      at=(0.5 + rng.uniform(-0.3, 0.3), 0.5 + rng.uniform(-0.3, 0.3)))
+            image = scenes.word_image(WORDS[word], t, t, rng)  # as OCR and each tile of a hi-res image show it
             return image, {**labels, "word": word + 1}
         shapes = scenes.scene(rng, "train", int(rng.integers(1, 4)))
         image = scenes.render(shapes, t, t, rng)

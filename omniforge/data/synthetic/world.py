@@ -174,8 +174,7 @@ class _Builder:
         for i in range(n):
             word = WORDS[rng.integers(len(WORDS))]
             image = self.path(split, "words", f"ocr_{i:05d}.png")
-            scenes.word_image(word, TILE, TILE, rng, size=int(rng.integers(18, 25)),
-                              at=(0.5 + rng.uniform(-0.1, 0.1), 0.5 + rng.uniform(-0.15, 0.15))).save(image)
+            scenes.word_image(word, TILE, TILE, rng).save(image)
             records.append(_qa("ocr", "exact_match", "<image>\nWhat word is written?", word, images=[self.rel(image)]))
         return records
 
@@ -188,7 +187,7 @@ class _Builder:
             cell = rng.integers(6)
             at = ((cell % 3 + 0.5) / 3, (cell // 3 + 0.5) / 2)
             image = self.path(split, "hires", f"hires_{i:05d}.png")
-            scenes.word_image(word, 3 * TILE, 2 * TILE, rng, size=int(rng.integers(13, 17)), at=at).save(image)
+            scenes.word_image(word, 3 * TILE, 2 * TILE, rng, at=at).save(image)
             records.append(_qa("hires", "exact_match", "<image>\nWhat word is written?", word,
                                images=[self.rel(image)]))
         return records
