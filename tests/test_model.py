@@ -225,6 +225,10 @@ def test_tile_positions_tag_each_token_of_a_tile_and_survive_save_load(hf_parts,
     model.save_pretrained(tmp_path / "ckpt")
     reloaded = OmniModel.from_pretrained(tmp_path / "ckpt")
     assert torch.equal(reloaded.vision_adapter.positions, model.vision_adapter.positions)
+    unpooled = OmniModel.from_pretrained(tmp_path / "ckpt", ["vision.pool=1"])  # 4x the tokens: the grid is resized
+    assert unpooled.vision_adapter.positions.shape == (4 * tokens, model.llm.config.hidden_size)
+    corner = unpooled.vision_adapter.positions[0]  # bilinear with edge clamping keeps the corner's vector
+    torch.testing.assert_close(corner, model.vision_adapter.positions[0])
     config.audio_adapter.tile_positions = True
     with pytest.raises(ConfigError, match="audio_adapter.tile_positions"):
         OmniModel.from_config(config)

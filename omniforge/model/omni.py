@@ -11,6 +11,7 @@ checkpoint with `OmniModel.from_pretrained`.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import replace
@@ -91,6 +92,9 @@ class OmniModel(nn.Module):
         if set(adapters) != expected:
             raise CheckpointError(f"{folder / ADAPTERS_FILE}: holds {sorted(adapters)[:4]}..., "
                                   f"the configured model expects {sorted(expected)[:4]}...")
+        key = "vision_adapter.positions"
+        if key in adapters and adapters[key].shape != model.vision_adapter.positions.shape:
+            adapters[key] = _resize_grid(adapters[key], len(model.vision_adapter.positions))
         model.load_state_dict(adapters, strict=False)
         return model
 
@@ -224,6 +228,18 @@ def _adapter(encoder, adapter, config, hidden, dtype):
             raise ConfigError("audio_adapter.tile_positions: tiles are a vision notion; set it on vision_adapter")
         positions = encoder.tokens_per_tile
     return MLPAdapter(encoder.hidden_size, hidden, config.num_layers, config.hidden_size, positions).to(dtype)
+
+
+def _resize_grid(positions: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(side², H) per-token position vectors of a square grid -> (tokens, H), bilinearly, as ViTs
+    resize position embeddings: a checkpoint stays loadable with another pooling or tile size."""
+    old, new = math.isqrt(len(positions)), math.isqrt(tokens)
+    if old * old != len(positions) or new * new != tokens:
+        raise CheckpointError(f"vision_adapter.positions: cannot resize {len(positions)} positions to {tokens}; "
+                              "both must be square grids")
+    grid = positions.T.reshape(1, -1, old, old).float()
+    resized = torch.nn.functional.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False)
+    return resized.reshape(-1, tokens).T.to(positions.dtype).contiguous()
 
 
 def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
