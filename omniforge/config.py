@@ -194,6 +194,7 @@ _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?
 
 
 def parse_yaml(text: str) -> Any:
+    """Safe YAML, with `2e-3` read as a float: for config files, recipes and override values."""
     return yaml.load(text, Loader=_YamlLoader)
 
 

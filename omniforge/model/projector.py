@@ -17,7 +17,7 @@ class MLPAdapter(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_layers: int = 2, hidden_size: int | None = None,
                  positions: int = 0):
         super().__init__()
-        self.positions = nn.Parameter(torch.zeros(positions, out_dim)) if positions else None
+        self.positions = nn.Parameter(torch.zeros(positions, out_dim)) if positions else None  # starts as a no-op
         hidden_size = hidden_size or out_dim
         dims = [in_dim] + [hidden_size] * (num_layers - 1) + [out_dim]
         layers: list[nn.Module] = []

@@ -87,12 +87,13 @@ def scene(rng: np.random.Generator, split: str, count: int) -> list[Shape]:
     return shapes
 
 
+# Words are printed like labels, at a known place and in a narrow range of sizes, on purpose:
+# the stand-in tower (a 3-layer ViT trained for a minute) reads them so after ~200 steps of
+# words, but with the centre free by +-6 px and sizes 18-24 it was at 54 % after 600 steps.
 WORD_SIZES = (17, 21)
-"""Font sizes (px) of a printed word, inclusive, and below: how far (px) its centre strays from
-where it is printed. A label-like layout on purpose: the stand-in tower (a 3-layer ViT trained
-for a minute) reads a word at a known place and size after ~200 steps of words, but with the
-centre free by +-6 px and sizes 18-24 it was at 54 % after 600 steps of words alone."""
+"""Font sizes (px) of a printed word, inclusive."""
 WORD_JITTER = 1.0
+"""How far (px) a word's centre may stray from where it is printed, each way."""
 
 
 def word_image(word: str, width: int, height: int, rng: np.random.Generator, at: tuple[float, float] = (0.5, 0.5)):
