@@ -1,6 +1,6 @@
 """The papers' claims, checked at micro scale on the synthetic world (after `omniforge demo`).
 
-    python bench/ablations.py --demo runs/demo [--steps-scale 0.5] [--only a,b,c,d]
+    python bench/ablations.py --demo runs/demo [--steps-scale 0.5] [--seeds 3] [--only a,b,c,d]
 
 Each variant re-runs one stage of `recipes/tiny.yaml` from the demo's export of the stage
 before it, then scores the result on the same test samples:
@@ -68,27 +68,49 @@ def run_variant(demo: Path, out: Path, stage: str, overrides: list[str], scale: 
     return export, time.perf_counter() - started
 
 
+def trained_accuracy(args, name: str, stage: str, overrides: list[str]) -> dict:
+    """Test image-QA accuracy of `stage` re-trained once per seed with `overrides`: the mean, each
+    seed's figure and the mean training seconds."""
+    accuracies, seconds = [], []
+    for seed in range(args.seeds):
+        out = args.out / (name if args.seeds == 1 else f"{name}_seed{seed}")
+        export, took = run_variant(args.demo, out, stage, [*overrides, f"train.seed={seed}"], args.steps_scale)
+        accuracies.append(score(OmniModel.from_pretrained(export), args.demo / "world", "image_qa",
+                                out.with_name(out.name + "_eval"))["exact_match"])
+        seconds.append(took)
+    return {"image_qa": sum(accuracies) / len(accuracies), "per_seed": accuracies,
+            "seconds": round(sum(seconds) / len(seconds), 1)}
+
+
+def spread(result: dict) -> str:
+    """`51.0%`, or with several seeds `51.0% (49.0-53.0 over 2 seeds)`."""
+    seeds = result["per_seed"]
+    tail = f" ({min(seeds):.1f}-{max(seeds):.1f} over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    return f"{result['image_qa']:.1f}%{tail}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished `omniforge demo --out` folder")
     parser.add_argument("--out", type=Path, default=Path("runs/ablations"))
     parser.add_argument("--steps-scale", type=float, default=1.0, help="fraction of each stage's steps")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train each variant with train.seed 0..N-1 (the data order) and average")
     parser.add_argument("--only", default="a,b,c,d")
     args = parser.parse_args()
-    world, stages, results = args.demo / "world", args.demo / "train" / "stages", {}
+    stages, results = args.demo / "train" / "stages", {}
     only = set(args.only.split(","))
 
     if "a" in only:
-        before = score(OmniModel.from_pretrained(stages / "1c_high_resolution"), world, "image_qa", args.out / "a0")
-        frozen, _ = run_variant(args.demo, args.out / "a_frozen", "2_audio_alignment", [], args.steps_scale)
-        trained, _ = run_variant(args.demo, args.out / "a_unfrozen", "2_audio_alignment",
-                                 ["stages.4.components.llm=full", "stages.4.components.vision_tower=full",
-                                  "stages.4.components.vision_adapter=full"], args.steps_scale)
-        results["a"] = {"image_qa_before": before["exact_match"],
-                        "frozen": score(OmniModel.from_pretrained(frozen), world, "image_qa", args.out / "a1")["exact_match"],
-                        "unfrozen": score(OmniModel.from_pretrained(trained), world, "image_qa", args.out / "a2")["exact_match"]}
-        print("(a) image QA before stage 2 {image_qa_before:.1f}%, after it with LLM+vision frozen {frozen:.1f}%, "
-              "with them trained {unfrozen:.1f}%".format(**results["a"]))
+        before = score(OmniModel.from_pretrained(stages / "1c_high_resolution"), args.demo / "world", "image_qa",
+                       args.out / "a_before_eval")
+        frozen = trained_accuracy(args, "a_frozen", "2_audio_alignment", [])
+        unfrozen = trained_accuracy(args, "a_unfrozen", "2_audio_alignment",
+                                    ["stages.4.components.llm=full", "stages.4.components.vision_tower=full",
+                                     "stages.4.components.vision_adapter=full"])
+        results["a"] = {"image_qa_before": before["exact_match"], "frozen": frozen, "unfrozen": unfrozen}
+        print(f"(a) image QA before stage 2 {before['exact_match']:.1f}%, after it with LLM+vision frozen "
+              f"{spread(frozen)}, with them trained {spread(unfrozen)}")
     for key, name, variants in (("b", "pooling", {"2x2 (16 tokens/tile)": [], "none (64 tokens/tile)": ["model.vision.pool=1"]}),
                                 ("c", "packing", {"packed 2048": [], "padded": ["stages.2.batch_tokens=null",
                                                                                 "stages.2.batch_size=26"]})):
@@ -96,11 +118,9 @@ def main() -> None:
             continue
         results[key] = {}
         for label, overrides in variants.items():
-            export, seconds = run_variant(args.demo, args.out / f"{key}_{label.split()[0]}", "1b_visual_fine_grained",
-                                          overrides, args.steps_scale)
-            accuracy = score(OmniModel.from_pretrained(export), world, "image_qa", args.out / f"{key}_{label.split()[0]}_eval")
-            results[key][label] = {"image_qa": accuracy["exact_match"], "seconds": round(seconds, 1)}
-            print(f"({key}) {name}: {label}: image QA {accuracy['exact_match']:.1f}% after stage 1b, {seconds:.0f} s")
+            result = trained_accuracy(args, f"{key}_{label.split()[0]}", "1b_visual_fine_grained", overrides)
+            results[key][label] = result
+            print(f"({key}) {name}: {label}: image QA {spread(result)} after stage 1b, {result['seconds']:.0f} s")
     if "d" in only:
         report = json.loads((args.demo / "report.json").read_text())
         final = report["stages"][-1]["scores"]
