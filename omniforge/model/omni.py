@@ -27,7 +27,7 @@ from omniforge.model.audio import AudioEncoder
 from omniforge.model.loading import load_llm
 from omniforge.model.projector import MLPAdapter
 from omniforge.model.tokenizer import load_tokenizer
-from omniforge.model.vision import VisionEncoder
+from omniforge.model.vision import VisionEncoder, resize_token_grid
 
 CONFIG_FILE = "config.yaml"
 ADAPTERS_FILE = "adapters.safetensors"
@@ -237,9 +237,7 @@ def _resize_grid(positions: torch.Tensor, tokens: int) -> torch.Tensor:
     if old * old != len(positions) or new * new != tokens:
         raise CheckpointError(f"vision_adapter.positions: cannot resize {len(positions)} positions to {tokens}; "
                               "both must be square grids")
-    grid = positions.T.reshape(1, -1, old, old).float()
-    resized = torch.nn.functional.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False)
-    return resized.reshape(-1, tokens).T.to(positions.dtype).contiguous()
+    return resize_token_grid(positions[None].float(), new)[0].to(positions.dtype).contiguous()
 
 
 def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

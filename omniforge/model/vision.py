@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +59,13 @@ class VisionEncoder(nn.Module):
         """(N, grid², D) -> (N, ceil(grid/pool)², D) by bilinear interpolation of the 2-D grid."""
         if self.pool == 1:
             return features
-        n, _, d = features.shape
-        side = pooled_grid(self.grid, self.pool)
-        grid = features.transpose(1, 2).reshape(n, d, self.grid, self.grid)
-        pooled = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
-        return pooled.flatten(2).transpose(1, 2)
+        return resize_token_grid(features, pooled_grid(self.grid, self.pool))
+
+
+def resize_token_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, g², D) tokens of a square g x g grid, row-major -> (N, side², D), bilinearly."""
+    n, count, d = tokens.shape
+    g = math.isqrt(count)
+    grid = tokens.transpose(1, 2).reshape(n, d, g, g)
+    resized = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
+    return resized.flatten(2).transpose(1, 2)
