@@ -124,6 +124,21 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
 # --------------------------------------------------------------------------- stand-in encoders
 
 
+def test_big_and_small_are_told_apart_by_pixels_whatever_the_shape_count():
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    areas = {(kind, big): [] for kind in scenes.SHAPES for big in (True, False)}
+    for _ in range(80):
+        for shape in scenes.scene(rng, "train", int(rng.integers(1, 4))):
+            mask = Image.new("L", (64, 64))
+            scenes.draw_shape(ImageDraw.Draw(mask), shape, 64, 64, fill=1)
+            areas[shape.kind, shape.big].append(int(np.asarray(mask).sum()))
+    for kind in scenes.SHAPES:  # the pixels alone answer "is the <kind> big or small?"
+        assert min(areas[kind, True]) > 1.5 * max(areas[kind, False]), kind
+        assert min(areas[kind, False]) > 60, kind  # and a small shape still spans a few 8-px patches
+
+
 def test_vision_pretraining_labels_match_the_rendered_pixels():
     from omniforge.train.encoders import _SceneSampler, load_encoder_recipe
 
