@@ -99,6 +99,21 @@ def test_test_split_is_an_eval_task_set_with_spoken_text_pairs(world):
     assert all(pairs) and len(set(pairs)) * 2 == len(pairs)
 
 
+def test_big_and_small_are_told_apart_by_pixels_whatever_the_shape_count():
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    areas = {(kind, big): [] for kind in scenes.SHAPES for big in (True, False)}
+    for _ in range(80):
+        for shape in scenes.scene(rng, "train", int(rng.integers(1, 4))):
+            mask = Image.new("L", (64, 64))
+            scenes.draw_shape(ImageDraw.Draw(mask), shape, 64, 64, fill=1)
+            areas[shape.kind, shape.big].append(int(np.asarray(mask).sum()))
+    for kind in scenes.SHAPES:  # the pixels alone answer "is the <kind> big or small?"
+        assert min(areas[kind, True]) > 1.5 * max(areas[kind, False]), kind
+        assert min(areas[kind, False]) > 60, kind  # and a small shape still spans a few 8-px patches
+
+
 def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     result = subprocess.run([sys.executable, "-m", "omniforge.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
                             capture_output=True, text=True, timeout=600)
@@ -122,21 +137,6 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
 
 
 # --------------------------------------------------------------------------- stand-in encoders
-
-
-def test_big_and_small_are_told_apart_by_pixels_whatever_the_shape_count():
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(0)
-    areas = {(kind, big): [] for kind in scenes.SHAPES for big in (True, False)}
-    for _ in range(80):
-        for shape in scenes.scene(rng, "train", int(rng.integers(1, 4))):
-            mask = Image.new("L", (64, 64))
-            scenes.draw_shape(ImageDraw.Draw(mask), shape, 64, 64, fill=1)
-            areas[shape.kind, shape.big].append(int(np.asarray(mask).sum()))
-    for kind in scenes.SHAPES:  # the pixels alone answer "is the <kind> big or small?"
-        assert min(areas[kind, True]) > 1.5 * max(areas[kind, False]), kind
-        assert min(areas[kind, False]) > 60, kind  # and a small shape still spans a few 8-px patches
 
 
 def test_vision_pretraining_labels_match_the_rendered_pixels():
