@@ -66,6 +66,11 @@ class AudioConfig:
     """HF Whisper config kwargs for a randomly initialised encoder (no `path`)."""
     tokens_per_second: float = 12.5
     """LLM tokens per second of audio; the encoder's 50 frames/s are stacked by 50/this."""
+    ctc_posteriors: bool = False
+    """Add to each audio token the LLM input embeddings weighted by the encoder's CTC posteriors
+    over the LLM's vocabulary, summed over the token's frames (LegoSLM), so audio arrives
+    looking like text; the adapter's MLP then starts at zero and learns the rest. Needs the
+    CTC head in the folder (`ctc_head.safetensors`, written by `omniforge encoders`)."""
 
     def validate(self, key: str) -> None:
         _exactly_one_source(self, key)

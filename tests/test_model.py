@@ -1,8 +1,10 @@
 import os
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import make_batch, omni_config
 from omniforge.config import VisionConfig, load_config
@@ -232,6 +234,33 @@ def test_tile_positions_tag_each_token_of_a_tile_and_survive_save_load(hf_parts,
     config.audio_adapter.tile_positions = True
     with pytest.raises(ConfigError, match="audio_adapter.tile_positions"):
         OmniModel.from_config(config)
+
+
+def test_ctc_posteriors_mix_llm_embeddings_and_survive_save_load(hf_parts, tmp_path):
+    tower = shutil.copytree(hf_parts / "whisper", tmp_path / "whisper")
+    config = omni_config(hf_parts)
+    config.audio.path, config.audio.ctc_posteriors = str(tower), True
+    with pytest.raises(ConfigError, match="ctc_head.safetensors"):
+        OmniModel.from_config(config)
+    d_model, vocab, token = 32, 40, 7
+    bias = torch.zeros(vocab + 1)
+    bias[token] = 50.0  # every frame reads `token`, whatever it hears
+    save_file({"weight": torch.zeros(vocab + 1, d_model), "bias": bias}, tower / "ctc_head.safetensors")
+    torch.manual_seed(0)
+    model = OmniModel.from_config(config).eval()
+    assert not any("ctc" in name for name, _ in model.named_parameters())  # buffers: never trained
+    audio = model.audio
+    features = torch.randn(1, audio.num_mel_bins, audio.geometry.window_frames)
+    valid = torch.tensor([audio.geometry.window_frames])
+    with torch.no_grad():
+        tokens = model._audio_tokens(features, valid)
+    expected = audio.geometry.stack * model.llm.get_input_embeddings().weight[token]
+    # the MLP starts at zero, so each audio token is its frames' posterior-weighted embeddings
+    torch.testing.assert_close(tokens, expected.expand_as(tokens))
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "audio" / "ctc_head.safetensors").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(OmniModel.from_pretrained(tmp_path / "ckpt")._audio_tokens(features, valid), tokens)
 
 
 # --------------------------------------------------------------------------- save / load

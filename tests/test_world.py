@@ -203,3 +203,4 @@ def test_stand_in_encoders_learn_and_load_through_the_micro_recipe(world):
     assert torch.equal(model.vision.tower.state_dict()[name], tensor)
     assert (world / "encoders" / "vision" / "preprocessor_config.json").is_file()
     assert (world / "encoders" / "audio" / "config.json").is_file()
+    assert model.audio.ctc_weight is not None  # the micro model reads the stand-in's CTC head

@@ -23,7 +23,7 @@ from torch import nn
 from omniforge.config import OmniConfig, load_config, save_config
 from omniforge.errors import CheckpointError, ConfigError, PlaceholderCountError
 from omniforge.model.attention import PACKED_KEYS
-from omniforge.model.audio import AudioEncoder
+from omniforge.model.audio import CTC_HEAD_FILE, AudioEncoder
 from omniforge.model.loading import load_llm
 from omniforge.model.projector import MLPAdapter
 from omniforge.model.tokenizer import load_tokenizer
@@ -53,6 +53,8 @@ class OmniModel(nn.Module):
         self.vision, self.audio = vision, audio
         self.vision_adapter = _adapter(vision, vision_adapter, config.vision_adapter, hidden, dtype)
         self.audio_adapter = _adapter(audio, audio_adapter, config.audio_adapter, hidden, dtype)
+        if audio is not None and audio.ctc_weight is not None and audio_adapter is None:
+            _zero_output(self.audio_adapter)  # the CTC mix carries the audio at first; the MLP adds the rest
         self.run_all_encoders = False
         """Run every encoder on every batch (a dummy input when a batch has none of its media), so
         that data-parallel ranks with different media mixes all use every trainable parameter."""
@@ -121,6 +123,9 @@ class OmniModel(nn.Module):
                 continue
             tower = module.tower if name == "vision" else module.encoder
             tower.save_pretrained(tmp / name, state_dict=_part(state, prefix))
+            if name == "audio" and module.ctc_weight is not None:
+                save_file({"weight": state["audio.ctc_weight"].contiguous(), "bias": state["audio.ctc_bias"].contiguous()},
+                          tmp / name / CTC_HEAD_FILE)
             if part.path and (Path(part.path) / PREPROCESSOR_FILE).is_file():
                 shutil.copy(Path(part.path) / PREPROCESSOR_FILE, tmp / name / PREPROCESSOR_FILE)
         adapters = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".")[0].endswith("_adapter")}
@@ -148,7 +153,7 @@ class OmniModel(nn.Module):
                 raise ValueError("audio_features given but the model has no audio tower (config.audio is null)")
             if audio_valid_frames is None:
                 raise ValueError("audio_features needs audio_valid_frames: (windows,) valid mel frames per window")
-            audio = self.audio_adapter(self.audio(audio_features.to(embeds.dtype), audio_valid_frames))
+            audio = self._audio_tokens(audio_features.to(embeds.dtype), audio_valid_frames)
         for modality, features in (("image", image), ("video", video), ("audio", audio)):
             embeds = self._scatter(embeds, input_ids, modality, features)
         if self.run_all_encoders:
@@ -168,7 +173,7 @@ class OmniModel(nn.Module):
             window = torch.zeros(1, self.audio.num_mel_bins, self.audio.geometry.window_frames, dtype=dtype,
                                  device=self.device)
             valid = torch.tensor([self.audio.geometry.window_frames], device=self.device)
-            zero = zero + 0.0 * self.audio_adapter(self.audio(window, valid)).sum()
+            zero = zero + 0.0 * self._audio_tokens(window, valid).sum()
         return zero
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -189,6 +194,15 @@ class OmniModel(nn.Module):
         embeds = self.embed(input_ids, **inputs)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         labels=labels, use_cache=False, **extra)
+
+    def _audio_tokens(self, features: torch.Tensor, valid_frames: torch.Tensor) -> torch.Tensor:
+        """(windows, n_mels, frames) log-mel -> (audio tokens, H): the adapter's output, plus the
+        CTC-posterior mix of the LLM's input embeddings where the tower has a CTC head."""
+        tokens = self.audio(features, valid_frames)
+        adapted = self.audio_adapter(tokens)
+        if self.audio.ctc_weight is None:
+            return adapted
+        return adapted + self.audio.ctc_embeddings(tokens, self.llm.get_input_embeddings().weight)
 
     def _vision_features(self, pixel_values, pixel_values_videos):
         """Images and video frames go through the tower in one call, then split again."""
@@ -228,6 +242,13 @@ def _adapter(encoder, adapter, config, hidden, dtype):
             raise ConfigError("audio_adapter.tile_positions: tiles are a vision notion; set it on vision_adapter")
         positions = encoder.tokens_per_tile
     return MLPAdapter(encoder.hidden_size, hidden, config.num_layers, config.hidden_size, positions).to(dtype)
+
+
+def _zero_output(adapter: nn.Module) -> None:
+    """Zero the adapter's last linear layer, so it adds nothing until trained."""
+    last = [m for m in adapter.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
 
 
 def _resize_grid(positions: torch.Tensor, tokens: int) -> torch.Tensor:
