@@ -92,3 +92,10 @@ def load_ctc_head(folder: str | None, hidden: int, dtype: torch.dtype,
         if not weights:
             return torch.empty(shape, dtype=dtype), torch.empty(shape[0], dtype=dtype)
         return stored.get_tensor("weight").to(dtype), stored.get_tensor("bias").to(dtype)
+
+
+def save_ctc_head(folder: Path, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Write a CTC head beside an audio tower, as `load_ctc_head` reads it."""
+    from safetensors.torch import save_file
+
+    save_file({"weight": weight.detach().contiguous(), "bias": bias.detach().contiguous()}, Path(folder) / CTC_HEAD_FILE)

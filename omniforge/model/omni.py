@@ -23,7 +23,7 @@ from torch import nn
 from omniforge.config import OmniConfig, load_config, save_config
 from omniforge.errors import CheckpointError, ConfigError, PlaceholderCountError
 from omniforge.model.attention import PACKED_KEYS
-from omniforge.model.audio import CTC_HEAD_FILE, AudioEncoder
+from omniforge.model.audio import AudioEncoder, save_ctc_head
 from omniforge.model.loading import load_llm
 from omniforge.model.projector import MLPAdapter
 from omniforge.model.tokenizer import load_tokenizer
@@ -124,8 +124,7 @@ class OmniModel(nn.Module):
             tower = module.tower if name == "vision" else module.encoder
             tower.save_pretrained(tmp / name, state_dict=_part(state, prefix))
             if name == "audio" and module.ctc_weight is not None:
-                save_file({"weight": state["audio.ctc_weight"].contiguous(), "bias": state["audio.ctc_bias"].contiguous()},
-                          tmp / name / CTC_HEAD_FILE)
+                save_ctc_head(tmp / name, state["audio.ctc_weight"], state["audio.ctc_bias"])
             if part.path and (Path(part.path) / PREPROCESSOR_FILE).is_file():
                 shutil.copy(Path(part.path) / PREPROCESSOR_FILE, tmp / name / PREPROCESSOR_FILE)
         adapters = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".")[0].endswith("_adapter")}

@@ -251,12 +251,11 @@ def pretrain_vision(recipe: EncoderPretraining, out: Path, scale: float = 1.0, l
 def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: float = 1.0, log=print) -> dict[str, float]:
     """CTC-train the encoder on `world/train/asr.jsonl` over the world's tokenizer; save it to `out`
     with its CTC head (`audio.ctc_posteriors` reads it); greedy CTC WER (%) on `world/val/asr.jsonl`."""
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     from omniforge.eval.metrics import wer
-    from omniforge.model.audio import CTC_HEAD_FILE, AudioEncoder
+    from omniforge.model.audio import AudioEncoder, save_ctc_head
     from omniforge.model.loading import hf_config
 
     spec = recipe.audio
@@ -287,7 +286,7 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
     result = {"ctc_wer": round(wer(hypotheses, [u.text for u in val]), 1)}
     log(f"  audio stand-in, greedy CTC on {len(val)} validation utterances: {result['ctc_wer']} % WER")
     encoder.save_pretrained(out)
-    save_file({name: value.detach().contiguous() for name, value in head.state_dict().items()}, out / CTC_HEAD_FILE)
+    save_ctc_head(out, head.weight, head.bias)
     return result
 
 
