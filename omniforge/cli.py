@@ -11,9 +11,6 @@ from omniforge.errors import OmniforgeError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "recipes" / "models" / "capybara_7b.yaml"
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-VIDEO_EXTS = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v"}
-AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aac"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = commands.add_parser("tokens", help="what the model sees of each media file, and its token cost")
     tokens.add_argument("files", nargs="+", type=Path)
     tokens.add_argument("--recipe", type=Path, default=None,
-                        help="model config or recipe YAML (default: the 7B recipe's model settings)")
+                        help="model config YAML (default: the 7B recipe's model settings)")
     tokens.add_argument("--json", action="store_true", help="one JSON object per file")
 
     args, overrides = parser.parse_known_args(argv)
@@ -106,7 +103,7 @@ def train_command(args, overrides: list[str]) -> int:
 def tokens_command(files: list[Path], recipe: Path | None, as_json: bool, overrides: list[str]) -> int:
     from omniforge.config import load_config
     from omniforge.errors import MediaError
-    from omniforge.processing.media import MediaProcessor
+    from omniforge.processing.media import MediaProcessor, media_kind
 
     config = load_config(recipe or DEFAULT_MODEL, overrides)
     processor = MediaProcessor.from_config(config)
@@ -127,24 +124,6 @@ def tokens_command(files: list[Path], recipe: Path | None, as_json: bool, overri
     if not as_json and len(files) > 1:
         print(f"total: {total} tokens in {len(files) - failed} files" + (f" ({failed} unreadable)" if failed else ""))
     return 1 if failed else 0
-
-
-def media_kind(file: Path) -> str:
-    """image / video / audio by extension; an animated GIF is a video."""
-    ext = file.suffix.lower()
-    if ext == ".gif":
-        from PIL import Image
-
-        try:
-            with Image.open(file) as image:
-                return "video" if getattr(image, "n_frames", 1) > 1 else "image"
-        except Exception:  # noqa: BLE001  (unreadable: the image loader reports it properly)
-            return "image"
-    for kind, exts in (("image", IMAGE_EXTS), ("video", VIDEO_EXTS), ("audio", AUDIO_EXTS)):
-        if ext in exts:
-            return kind
-    raise OmniforgeError(f"{file}: unknown media extension {ext!r} "
-                         f"(images {sorted(IMAGE_EXTS)}, videos {sorted(VIDEO_EXTS)}, audio {sorted(AUDIO_EXTS)})")
 
 
 def describe(file: Path, modality: str, info: dict, tokens: int) -> str:

@@ -9,6 +9,10 @@ class ConfigError(OmniforgeError, ValueError):
     """A config value is unknown, missing or of the wrong type; the message names the key."""
 
 
+class DataError(OmniforgeError, ValueError):
+    """A stage's data cannot feed training: every sample in a long run of them was skipped."""
+
+
 class CheckpointError(OmniforgeError):
     """A model folder is missing, incomplete, or does not fit the configured architecture."""
 

@@ -128,6 +128,8 @@ def test_generation_prompt_ends_where_the_assistant_starts(processor):
      ConversationError, "state: expected one of"),
     ({"messages": [{"role": "user", "content": "<image>"}], "images": ["missing.png"]},
      MediaError, "sample.images\\[0\\]: .*missing.png: cannot read"),
+    ({"system": "look: <image>", "messages": [{"role": "user", "content": "<image>"}], "images": ["square.jpg"]},
+     ConversationError, "sample.system: holds <image>; media placeholders belong in messages"),
 ])
 def test_bad_records_raise_clear_errors(processor, files, record, error, message):
     with pytest.raises(error, match=message):

@@ -14,9 +14,10 @@ import yaml
 
 from omniforge.config import load_config
 from omniforge.data.dataset import JsonlConversations, Mixture, SampleStream, open_mixture
-from omniforge.data.packing import PackedBatches, PaddedBatches, SampleTooLongError
+from omniforge.data.packing import PackedBatches, PaddedBatches, Prefetch, SampleTooLongError
 from omniforge.data.synthetic.toy import write_toy_dataset
-from omniforge.errors import ConfigError
+from omniforge.errors import ConfigError, DataError
+from omniforge.files import atomic_folder
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
 from omniforge.train.components import component_of, configure_stage, merge_lora, param_groups
@@ -94,10 +95,27 @@ def test_recipe_errors_name_the_key(tmp_path, dataset, override, message):
         load_recipe(path, override)
 
 
+def test_recipe_errors_in_a_model_file_name_that_file(tmp_path, dataset):
+    model = yaml.safe_load(Path(TINY_MODEL).read_text())
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**model, "vision": {**model["vision"], "pool": 0}}))
+    path = write_recipe(tmp_path, dataset, [{"name": "a", "steps": 2, "batch_tokens": 512}])
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "model": "model.yaml"}))
+    with pytest.raises(ConfigError, match=r"recipe.yaml \(its model: .*model.yaml\): model.vision.pool"):
+        load_recipe(path)
+
+
 def test_recipe_overrides_reach_stages_and_model(tmp_path, dataset):
     path = write_recipe(tmp_path, dataset, [{"name": "a", "steps": 2, "batch_tokens": 512}])
     recipe = load_recipe(path, ["stages.0.steps=7", "model.vision.max_tiles=2", "train.seed=3"])
     assert recipe.stages[0].steps == 7 and recipe.model.vision.max_tiles == 2 and recipe.train.seed == 3
+
+
+def test_a_data_dir_override_is_relative_to_the_working_directory(tmp_path, dataset, monkeypatch):
+    path = write_recipe(tmp_path / "recipes", dataset, [{"name": "a", "steps": 2, "batch_tokens": 512}])
+    path.write_text(path.read_text().replace(str(dataset), dataset.name))
+    monkeypatch.chdir(dataset.parent.parent)
+    recipe = load_recipe(path, [f"data_dir={dataset.parent.name}"])
+    assert recipe.stages[0].data[0].path == str(dataset.absolute())
 
 
 # --------------------------------------------------------------------------- trainability
@@ -170,6 +188,26 @@ def test_batches_are_prefetched_only_where_cores_are_spare(monkeypatch, device, 
     assert loop._prefetch_pays(torch.device(device)) is expected
 
 
+def test_prefetch_thread_stops_when_closed():
+    batches = Prefetch(iter(range(100)), depth=2)
+    assert [next(batches), next(batches)] == [0, 1]
+    batches.close()  # the thread was blocked on a full queue
+    assert not batches._thread.is_alive()
+
+
+def test_atomic_folder_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_folder(target) as tmp:
+        (tmp / "new.txt").write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert [p.name for p in tmp_path.iterdir()] == ["export"] and (target / "old.txt").is_file()
+    with atomic_folder(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["export"] and [p.name for p in target.iterdir()] == ["new.txt"]
+
+
 def test_mixture_is_deterministic_weighted_and_resumable(dataset, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(i)}]}) + "\n" for i in range(5)))
@@ -186,13 +224,27 @@ def test_corrupt_samples_are_skipped_and_counted(tiny, dataset, tmp_path):
     _, processor = tiny
     bad = dataset.parent / "bad.jsonl"  # beside the media the good records name
     good = dataset.read_text().splitlines()[:4]
-    bad.write_text("\n".join([good[0], "{not json", json.dumps({"messages": [{"role": "user", "content": "<image>"}],
-                                                                "images": ["missing.png"]}), good[2]]) + "\n")
+    not_utf8 = b'{"messages": "\xff\xfe"}'
+    bad.write_bytes(b"\n".join([good[0].encode(), b"{not json", not_utf8, json.dumps(
+        {"messages": [{"role": "user", "content": "<image>"}], "images": ["missing.png"]}).encode(),
+        good[2].encode()]) + b"\n")
     stream = SampleStream(Mixture([JsonlConversations(bad)], [1.0], seed=0), processor, warn=lambda _: None)
     samples = [s for _, s in zip(range(8), stream)]
-    assert len(samples) == 8  # 2 good records an epoch: 4 epochs, each with one bad line of each kind
+    assert len(samples) == 8  # 2 good records an epoch: 4 epochs, each with 3 bad lines (2 unparseable)
     assert set(stream.skipped) == {"ConversationError", "UnreadableMediaError"}
-    assert all(3 <= n <= 4 for n in stream.skipped.values())
+    assert 6 <= stream.skipped["ConversationError"] <= 8 and 3 <= stream.skipped["UnreadableMediaError"] <= 4
+
+
+def test_data_where_every_sample_fails_raises_instead_of_looping(tiny, dataset, tmp_path):
+    _, processor = tiny
+    bad = tmp_path / "all_bad.jsonl"
+    bad.write_text("{not json\n" * 3)
+    stream = SampleStream(Mixture([JsonlConversations(bad)], [1.0], seed=0), processor, warn=lambda _: None)
+    with pytest.raises(DataError, match="the last 3 samples all failed to load.*all_bad.jsonl: record"):
+        next(stream)
+    mixture = open_mixture([DatasetSpec(str(dataset))], seed=0)
+    with pytest.raises(SampleTooLongError, match="samples were all too long"):
+        next(PackedBatches(SampleStream(mixture, processor), processor, budget=50, skip_long=True))
 
 
 def test_packed_rows_keep_samples_separate_and_resume_exactly(tiny, dataset):

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from omniforge.errors import ConfigError, OmniforgeError
+from omniforge.errors import ConfigError, DataError, OmniforgeError
 from omniforge.processing.chat import ConversationError, Encoded, OmniProcessor
 
 
@@ -46,8 +46,8 @@ class JsonlConversations:
             line = f.readline()
         try:
             return json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConversationError(f"{self.path}: record {index}: invalid JSON ({e.msg})") from None
+        except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+            raise ConversationError(f"{self.path}: record {index}: invalid JSON ({getattr(e, 'msg', e)})") from None
 
     def where(self, index: int) -> str:
         return f"{self.path.name}[{index}]"
@@ -106,7 +106,8 @@ class Positioned:
 class SampleStream:
     """Encoded samples of a mixture for one process: positions p with p % world == rank.
 
-    Samples that fail to load are skipped; `skipped` counts them by reason.
+    Samples that fail to load are skipped; `skipped` counts them by reason. As many failures in
+    a row as the mixture has records raise `DataError` (the data is broken, not a few samples).
     """
 
     def __init__(self, mixture: Mixture, processor: OmniProcessor, start: int = 0, rank: int = 0, world: int = 1,
@@ -125,7 +126,7 @@ class SampleStream:
     def _samples(self, start: int) -> Iterator[Positioned]:
         first = start + (self.rank - start) % self.world  # the first position of this rank's shard
         order = self.mixture.order(first)
-        position = first
+        position, failing = first, 0
         for d, index in order:
             if (position - self.rank) % self.world == 0:
                 dataset = self.mixture.datasets[d]
@@ -137,9 +138,21 @@ class SampleStream:
                     self.skipped[type(e).__name__] += 1
                     if sum(self.skipped.values()) <= 5:
                         self.warn(f"skipped {e}")
+                    failing += 1
+                    if failing >= self.mixture.size:
+                        raise DataError(f"the last {failing} samples all failed to load (skipped so far: "
+                                        f"{dict(self.skipped)}); the latest: {e}") from None
                 else:
+                    failing = 0
                     yield Positioned(position, sample)
             position += 1
+
+
+def mean_sample_tokens(mixture: Mixture, processor: OmniProcessor, probe: int = 32) -> float | None:
+    """Mean encoded length (tokens) of the mixture's first `probe` loadable samples (None: none load)."""
+    stream = SampleStream(mixture, processor, warn=lambda _: None)
+    lengths = [len(p.sample) for _, p in zip(range(probe), stream)]
+    return float(np.mean(lengths)) if lengths else None
 
 
 def open_mixture(specs, seed: int) -> Mixture:

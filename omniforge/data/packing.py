@@ -83,6 +83,7 @@ class PackedBatches:
         return MicroBatch(inputs, resume_at, tokens, len(rows) * self.budget, sum(map(len, rows)))
 
     def _next_fitting(self) -> Positioned | None:
+        too_long = 0
         for item in self.stream:
             if len(item.sample) <= self.budget:
                 return item
@@ -92,6 +93,9 @@ class PackedBatches:
             if not self.skip_long:
                 raise SampleTooLongError(message)
             self.stream.skipped["SampleTooLong"] += 1
+            too_long += 1
+            if too_long >= self.stream.mixture.size:
+                raise SampleTooLongError(f"the last {too_long} samples were all too long; the latest: {message}")
         return None
 
 
@@ -157,16 +161,35 @@ class Prefetch:
         import threading
 
         self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(batches,), daemon=True)
         self._thread.start()
 
     def _fill(self, batches) -> None:
         try:
             for batch in batches:
-                self._queue.put(batch)
-            self._queue.put(StopIteration())
+                if not self._put(batch):
+                    return
+            self._put(StopIteration())
         except BaseException as e:  # noqa: BLE001  (re-raised in the consumer)
-            self._queue.put(e)
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        """Queue `item` unless `close()` was called meanwhile (then False)."""
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        """Stop the thread (at the end of a stage, which rarely drains it) and drop its batches."""
+        self._stop.set()
+        self._thread.join()
 
     def __iter__(self):
         return self

@@ -37,10 +37,9 @@ from omniforge.eval.runner import generate_texts
 from omniforge.model.generate import GenerationConfig
 from omniforge.processing.audio import resample
 from omniforge.processing.chat import IGNORE, OmniProcessor
+from omniforge.processing.media import media_kind
 
 log = logging.getLogger(__name__)
-VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
-AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aac")
 
 
 class _LmmsStandIn:
@@ -169,8 +168,7 @@ def media_item(visual) -> tuple[str, Any]:
             waveform = waveform.mean(axis=int(np.argmin(waveform.shape)))
         return "audio", resample(waveform, int(visual.get("sampling_rate", 16_000)), 16_000)
     if isinstance(visual, (str, Path)):
-        suffix = Path(visual).suffix.lower()
-        return ("video" if suffix in VIDEO_EXTS else "audio" if suffix in AUDIO_EXTS else "image"), str(visual)
+        return media_kind(visual, default="image"), str(visual)
     return "image", visual
 
 

@@ -30,9 +30,9 @@ from typing import Any, Callable, Iterator
 
 from omniforge.errors import OmniforgeError
 from omniforge.eval.metrics import extract_choice
+from omniforge.processing.media import IMAGE_EXTS
 
 MODALITIES = ("image", "video", "audio")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 ASR_PROMPT = "<audio>\nTranscribe the speech."
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 """The MMBench prompt of LLaVA and lmms-eval."""
@@ -146,7 +146,7 @@ def read_librispeech(root: Path) -> Iterator[Sample | Skipped]:
         raise BenchmarkError(f"{root}: no SPEAKER/CHAPTER/*.trans.txt files; expected a LibriSpeech split folder "
                              "such as LibriSpeech/test-clean")
     for file in transcripts:
-        for n, line in enumerate(_lines(file), 1):
+        for n, line in _lines(file):
             utterance, _, text = line.partition(" ")
             if not text.strip():
                 yield Skipped(f"{file.name}:{n}", "expected 'UTTERANCE-ID TRANSCRIPT'")
@@ -170,7 +170,7 @@ def read_aishell(root: Path) -> Iterator[Sample | Skipped]:
         hint = f"; extract the {len(packed)} .tar.gz files in {root / 'wav'} first" if packed else ""
         raise BenchmarkError(f"{root}: no wav/test/SPEAKER/*.wav files{hint}")
     texts = {}
-    for line in _lines(transcript):
+    for _, line in _lines(transcript):
         utterance, _, text = line.partition(" ")
         texts[utterance] = "".join(text.split())
     for wav in wavs:
@@ -223,11 +223,11 @@ def read_mme(root: Path) -> Iterator[Sample | Skipped]:
         found = True
         images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS} if image_dir.is_dir() else {}
         for file in questions:
-            for n, line in enumerate(_lines(file)):
-                sample_id = f"{folder.name}/{file.stem}/{n}"
+            for i, (n, line) in enumerate(_lines(file)):
+                sample_id = f"{folder.name}/{file.stem}/{i}"
                 question, _, answer = line.partition("\t")
                 if answer.strip().lower() not in ("yes", "no"):
-                    yield Skipped(sample_id, f"{file}: line {n + 1}: expected 'question<TAB>Yes|No'")
+                    yield Skipped(sample_id, f"{file}: line {n}: expected 'question<TAB>Yes|No'")
                 elif file.stem not in images:
                     yield Skipped(sample_id, f"{file}: no image named {file.stem}.* in {image_dir}")
                 else:
@@ -398,9 +398,11 @@ def _user(content: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
 
-def _lines(file: Path) -> list[str]:
-    """Non-blank lines, stripped of line ends; undecodable bytes replaced, not fatal."""
-    return [line.rstrip("\r") for line in file.read_text(encoding="utf-8-sig", errors="replace").splitlines() if line.strip()]
+def _lines(file: Path) -> list[tuple[int, str]]:
+    """(line number from 1, line) of the non-blank lines, line ends stripped; undecodable bytes
+    replaced, not fatal."""
+    text = file.read_text(encoding="utf-8-sig", errors="replace")
+    return [(n, line.rstrip("\r")) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def _records(path: Path) -> Iterator[dict | Skipped]:

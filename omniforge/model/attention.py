@@ -25,6 +25,10 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise NotImplementedError(f"{NAME}: packed rows run plain causal attention per sample; this model's "
+                                  "sliding-window or soft-capped attention needs padded batches (batch_size) "
+                                  "or llm.attention: sdpa")
     batch, heads, length, dim = query.shape
     # (1, H, B·L, D): batch 1 and 4-D, which CPU SDPA runs with its flash kernel (2x the 3-D math path)
     q, k, v = (t.transpose(0, 1).reshape(1, t.shape[1], batch * length, dim) for t in (query, key, value))

@@ -12,7 +12,6 @@ checkpoint with `OmniModel.from_pretrained`.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from omniforge.config import OmniConfig, load_config, save_config
 from omniforge.errors import CheckpointError, ConfigError, PlaceholderCountError
+from omniforge.files import atomic_folder
 from omniforge.model.attention import PACKED_KEYS
 from omniforge.model.audio import AudioEncoder, save_ctc_head
 from omniforge.model.loading import load_llm
@@ -103,7 +103,8 @@ class OmniModel(nn.Module):
     def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write weights (safetensors, one HF folder per part), config and tokenizer, atomically.
 
-        The folder appears whole or not at all: everything is written beside it, then renamed.
+        Everything is written beside the folder, then renamed in (`omniforge.files.atomic_folder`):
+        a crash mid-write leaves the previous export as it was.
         `llm/` is a plain Hugging Face causal-LM folder (with the extended tokenizer).
         state_dict: the full weights to write instead of this module's own (e.g. gathered
         from FSDP shards).
@@ -111,26 +112,22 @@ class OmniModel(nn.Module):
         from safetensors.torch import save_file
 
         state = self.state_dict() if state_dict is None else state_dict
-        folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.llm.save_pretrained(tmp / "llm", state_dict=_part(state, "llm."))
-        self.tokenizer.save_pretrained(tmp / "llm")
-        for name, module, part, prefix in (("vision", self.vision, self.config.vision, "vision.tower."),
-                                           ("audio", self.audio, self.config.audio, "audio.encoder.")):
-            if module is None:
-                continue
-            tower = module.tower if name == "vision" else module.encoder
-            tower.save_pretrained(tmp / name, state_dict=_part(state, prefix))
-            if name == "audio" and module.ctc_weight is not None:
-                save_ctc_head(tmp / name, state["audio.ctc_weight"], state["audio.ctc_bias"])
-            if part.path and (Path(part.path) / PREPROCESSOR_FILE).is_file():
-                shutil.copy(Path(part.path) / PREPROCESSOR_FILE, tmp / name / PREPROCESSOR_FILE)
-        adapters = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".")[0].endswith("_adapter")}
-        save_file(adapters, tmp / ADAPTERS_FILE)
-        save_config(_with_part_folders(self.config, None), tmp / CONFIG_FILE)
-        _replace_dir(tmp, folder)
+        with atomic_folder(folder) as tmp:
+            self.llm.save_pretrained(tmp / "llm", state_dict=_part(state, "llm."))
+            self.tokenizer.save_pretrained(tmp / "llm")
+            for name, module, part, prefix in (("vision", self.vision, self.config.vision, "vision.tower."),
+                                               ("audio", self.audio, self.config.audio, "audio.encoder.")):
+                if module is None:
+                    continue
+                tower = module.tower if name == "vision" else module.encoder
+                tower.save_pretrained(tmp / name, state_dict=_part(state, prefix))
+                if name == "audio" and module.ctc_weight is not None:
+                    save_ctc_head(tmp / name, state["audio.ctc_weight"], state["audio.ctc_bias"])
+                if part.path and (Path(part.path) / PREPROCESSOR_FILE).is_file():
+                    shutil.copy(Path(part.path) / PREPROCESSOR_FILE, tmp / name / PREPROCESSOR_FILE)
+            adapters = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".")[0].endswith("_adapter")}
+            save_file(adapters, tmp / ADAPTERS_FILE)
+            save_config(_with_part_folders(self.config, None), tmp / CONFIG_FILE)
 
     # ------------------------------------------------------------------ forward
 
@@ -274,11 +271,3 @@ def _with_part_folders(config: OmniConfig, folder: Path | None) -> OmniConfig:
     audio = config.audio and replace(config.audio, path=at("audio"), arch=None)
     return replace(config, llm=llm, vision=vision, audio=audio)
 
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an existing folder with one rename each."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -118,6 +118,8 @@ class OmniProcessor:
                 raise PlaceholderCountError(modality, expected=len(media[modality]), got=found, message=(
                     f"{where}: {found} {placeholder} placeholder(s) in the messages but "
                     f"{len(media[modality])} {modality}(s) given"))
+            if system and placeholder in system:
+                raise ConversationError(f"{where}.system: holds {placeholder}; media placeholders belong in messages")
         items = {m: [self._load(m, src, f"{where}.{m}s[{i}]") for i, src in enumerate(media[m])] for m in MODALITIES}
         data_type = next((m for m in ("video", "image", "audio") if items[m]), "text")
         if system is None:

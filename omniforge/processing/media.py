@@ -15,11 +15,38 @@ import numpy as np
 import torch
 
 from omniforge.config import OmniConfig
-from omniforge.errors import ConfigError
+from omniforge.errors import ConfigError, OmniforgeError
 from omniforge.processing.audio import AudioProcessor, load_audio
 from omniforge.processing.counts import AudioGeometry, tokens_per_tile
 from omniforge.processing.image import ImageProcessor, load_image
 from omniforge.processing.video import FrameSampling, Video, load_video
+
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+VIDEO_EXTS = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v"})
+AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aac"})
+
+
+def media_kind(file: str | Path, default: str | None = None) -> str:
+    """"image", "video" or "audio" by extension (an animated GIF is a video); an unknown
+    extension gives `default`, or an error listing the known ones when there is none."""
+    file = Path(file)
+    ext = file.suffix.lower()
+    if ext == ".gif":
+        from PIL import Image
+
+        try:
+            with Image.open(file) as image:
+                return "video" if getattr(image, "n_frames", 1) > 1 else "image"
+        except Exception:  # noqa: BLE001  (unreadable: the image loader reports it properly)
+            return "image"
+    for kind, exts in (("image", IMAGE_EXTS), ("video", VIDEO_EXTS), ("audio", AUDIO_EXTS)):
+        if ext in exts:
+            return kind
+    if default is not None:
+        return default
+    raise OmniforgeError(f"{file}: unknown media extension {ext!r} "
+                         f"(images {sorted(IMAGE_EXTS)}, videos {sorted(VIDEO_EXTS)}, audio {sorted(AUDIO_EXTS)})")
+
 
 WHISPER_WINDOW_FRAMES = 3000
 """Whisper's 30-s window, used when no audio tower config is at hand."""
@@ -96,6 +123,9 @@ class MediaProcessor:
         """Audio (path, bytes or 16-kHz float waveform): log-mel over every window."""
         self._need(self.audio, "audio", "audio")
         waveform = source if isinstance(source, np.ndarray) else load_audio(source)
+        if waveform.ndim != 1:
+            raise ValueError(f"audio: expected a mono waveform of shape (samples,) at 16 kHz, got shape "
+                             f"{waveform.shape}; average the channels first")
         features = self.audio(waveform)
         tokens = self.audio_geometry.tokens(waveform.shape[0])
         info = {"seconds": round(features.seconds, 3), "windows": len(features.valid_frames),

@@ -95,8 +95,8 @@ def load_video(source, sampling: FrameSampling | None = None, with_audio: bool =
                     container.seek(0)
                     audio = decode_audio_stream(container, container.streams.audio[0])
         if duration <= 0:
-            frames, stamps, duration = _decode_in_order(stream_source, sampling)
-            audio = None
+            frames, stamps, duration = _decode_in_order(stream_source, sampling)  # times from 0
+            start, audio = 0.0, None
         if not frames:
             raise EmptyMediaError(source, "video has no decodable frames")
     except (UnsupportedMediaError, EmptyMediaError):

@@ -259,7 +259,7 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
     from omniforge.model.loading import hf_config
 
     spec = recipe.audio
-    audio = AudioEncoder(WhisperEncoder(hf_config(None, spec.arch, "audio.arch")))  # for its window geometry
+    audio = AudioEncoder(WhisperEncoder(hf_config(None, spec.arch, "audio")))  # for its window geometry
     encoder = audio.encoder
     tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer", local_files_only=True)
     train, val = _utterances(world / "train" / "asr.jsonl", audio, tokenizer, log), \

@@ -27,9 +27,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from omniforge.data.dataset import SampleStream, open_mixture
+from omniforge.data.dataset import SampleStream, mean_sample_tokens, open_mixture
 from omniforge.data.packing import MicroBatch, PackedBatches, PaddedBatches, Prefetch
 from omniforge.errors import ConfigError
+from omniforge.files import atomic_folder, write_text_atomic
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
 from omniforge.train.components import configure_stage, format_table, merge_lora, param_groups
@@ -53,7 +54,8 @@ def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False,
     stages = [recipe.stage(only_stage)] if only_stage else recipe.stages
     state = _latest_checkpoint(out) if resume else None
     if state is not None and state["stage"] not in [s.name for s in stages]:
-        raise ValueError(f"--resume: the latest checkpoint is in stage {state['stage']!r}, not among {stages}")
+        raise ValueError(f"--resume: the latest checkpoint is in stage {state['stage']!r}, not among "
+                         f"{[s.name for s in stages]}")
     if resume and state is None:
         log.print(f"--resume: no checkpoint in {out / CHECKPOINTS}; starting from the beginning")
     if state is not None:
@@ -148,6 +150,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
         if evaluator and stage.eval_every and step % stage.eval_every == 0 and step < steps:
             log.evals(stage.name, step, evaluator.run(model, dist), progress)
     progress.close()
+    if isinstance(batches, Prefetch):
+        batches.close()
     merge_lora(model)
     for parameter in model.parameters():
         parameter.requires_grad = False
@@ -225,9 +229,8 @@ def _steps_for_epochs(stage: StageConfig, mixture, processor: OmniProcessor, wor
     """Optimizer steps for `epochs` passes, from the mean length of the first samples."""
     samples_per_step = stage.grad_accum * world * (stage.batch_size or 0)
     if stage.batch_tokens:
-        probe = SampleStream(mixture, processor, warn=lambda _: None)
-        lengths = [len(p.sample) for _, p in zip(range(32), probe)]
-        samples_per_step = stage.grad_accum * world * max(1, stage.batch_tokens // max(1, int(np.mean(lengths))))
+        mean = mean_sample_tokens(mixture, processor) or 1
+        samples_per_step = stage.grad_accum * world * max(1, stage.batch_tokens // max(1, int(mean)))
     return max(1, math.ceil(stage.epochs * mixture.size / samples_per_step))
 
 
@@ -266,15 +269,12 @@ def _save_checkpoint(model, optimizer, scheduler, stage: StageConfig, step: int,
     if not dist.is_main:
         return
     folder = out / CHECKPOINTS / f"step-{stage.name}-{step:07d}"
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state_dict, tmp / "model.pt")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save({"stage": stage.name, "step": step, "scheduler": scheduler.state_dict(), "ranks": ranks,
-                "written": time.time()}, tmp / "state.pt")
-    tmp.rename(folder)
-    _write_atomic(out / CHECKPOINTS / "latest", folder.name)
+    with atomic_folder(folder) as tmp:  # replaces a folder of the same step left by an earlier run
+        torch.save(state_dict, tmp / "model.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save({"stage": stage.name, "step": step, "scheduler": scheduler.state_dict(), "ranks": ranks,
+                    "written": time.time()}, tmp / "state.pt")
+    write_text_atomic(out / CHECKPOINTS / "latest", folder.name)
     for old in sorted((out / CHECKPOINTS).glob("step-*"), key=lambda p: p.stat().st_mtime)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -289,12 +289,6 @@ def _latest_checkpoint(out: Path) -> dict | None:
     return state
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class _Log:
     """Progress bar, metrics.jsonl and the loss plot (main process only)."""
 
@@ -302,7 +296,6 @@ class _Log:
         self.out, self.enabled = out, enabled
         if enabled:
             out.mkdir(parents=True, exist_ok=True)
-        self.records: list[dict] = []
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -331,7 +324,6 @@ class _Log:
         self.print(f"  eval @ {stage} step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
     def _append(self, record: dict) -> None:
-        self.records.append(record)
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -6,10 +6,9 @@ parts' configs, so a 7B recipe is checked in seconds.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from omniforge.data.dataset import JsonlConversations, SampleStream, open_mixture
+from omniforge.data.dataset import JsonlConversations, mean_sample_tokens, open_mixture
 from omniforge.errors import OmniforgeError
 from omniforge.processing.chat import OmniProcessor
 from omniforge.train.components import configure_stage, format_table
@@ -38,7 +37,8 @@ def dry_run(recipe: Recipe, world: int = 1) -> str:
         sizes = [len(JsonlConversations(spec.path)) for spec in stage.data]
         for spec, size in zip(stage.data, sizes):
             lines.append(f"  data {spec.path}: {size} records, weight {spec.weight:g}")
-        mean = _mean_tokens(stage, processor, recipe.train.seed) if processor is not None else None
+        mean = (mean_sample_tokens(open_mixture(stage.data, recipe.train.seed), processor, PROBE)
+                if processor is not None else None)
         steps_text = f"{stage.steps} steps" if stage.steps else f"{stage.epochs:g} epochs"
         per_step = stage.grad_accum * world
         if stage.batch_tokens:
@@ -53,8 +53,3 @@ def dry_run(recipe: Recipe, world: int = 1) -> str:
             lines.append(f"  token budget: {total:,.0f} tokens")
     return "\n".join(lines)
 
-
-def _mean_tokens(stage, processor: OmniProcessor, seed: int) -> float | None:
-    stream = SampleStream(open_mixture(stage.data, seed), processor, warn=lambda _: None)
-    lengths = [len(p.sample) for _, p in zip(range(PROBE), stream)]
-    return float(np.mean(lengths)) if lengths else None

@@ -133,15 +133,19 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute LLM activations in the backward pass (less memory, ~30% more compute)."""
     checkpoint_every: int = 0
-    """Write a resumable checkpoint every this many steps (0: only at stage ends)."""
+    """Write a resumable checkpoint every this many steps (0: none; `--stage NAME` then restarts a
+    stage from the previous stage's export)."""
     keep_checkpoints: int = 2
     """Resumable checkpoints kept (older ones deleted); stage-end exports are always kept."""
     skip_long_samples: bool = False
     """Skip (and count) samples longer than the packing budget instead of failing."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """How `torchrun` runs train: DDP replicas, or FSDP2 `fully_shard` per LLM layer."""
-    log_every: int = 1
     lora: LoraSpec = field(default_factory=LoraSpec)
+
+    def validate(self, key: str) -> None:
+        require(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0 (0: no checkpoints)")
+        require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
 
 
 @dataclass
@@ -170,19 +174,26 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe; `model:` may name a model config file (relative to the recipe's folder).
 
-    Relative dataset and eval paths resolve against the recipe's folder too. Overrides are
-    dotted keys into the merged document (`model.vision.max_tiles=4`, `train.seed=1`,
-    `stages.0.steps=10`).
+    Relative dataset and eval paths resolve against `data_dir` (default: the recipe's folder).
+    Overrides are dotted keys into the merged document (`model.vision.max_tiles=4`,
+    `train.seed=1`, `stages.0.steps=10`); a relative `data_dir=` given as one is taken from the
+    working directory, as paths typed on a command line are.
     """
     path = Path(path)
+    overrides = [f"data_dir={Path(o.split('=', 1)[1]).absolute()}" if o.startswith("data_dir=") and o[9:].strip()
+                 else o for o in overrides]
     data = read_yaml(path, "recipe")
+    model_file = path.parent / data["model"] if isinstance(data.get("model"), str) else None
     try:
-        if isinstance(data.get("model"), str):
-            data["model"] = read_yaml(path.parent / data["model"], "model config")
+        if model_file is not None:
+            data["model"] = read_yaml(model_file, "model config")
         data = apply_overrides(_lists_as_dicts(data), overrides)
         recipe = from_dict(Recipe, _dicts_as_lists(data))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        in_model_file = model_file is not None and str(e).startswith("model.") and not any(
+            o.startswith("model.") for o in overrides)
+        where = f"{path} (its model: {model_file})" if in_model_file else path
+        raise ConfigError(f"{where}: {e}") from None
     base = _resolve(recipe.data_dir, path.parent) if recipe.data_dir else path.parent
     for spec in [d for stage in recipe.stages for d in stage.data] + recipe.evals:
         spec.path = str(_resolve(spec.path, base))
