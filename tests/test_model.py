@@ -306,3 +306,25 @@ def test_tiny_preset_trains_a_mixed_batch_of_8(tmp_path):
     out = model(**batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+def test_packed_attention_equals_causal_attention_per_sample_across_rows_and_gqa():
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from omniforge.model.attention import packed_sdpa_attention
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, length, dim = 2, 4, 2, 12, 8
+    q = torch.randn(rows, heads, length, dim)
+    k, v = torch.randn(rows, kv_heads, length, dim), torch.randn(rows, kv_heads, length, dim)
+    cu = torch.tensor([0, 5, 12, 15, 24])  # over the flattened rows: the third sample starts row 2
+    out, _ = packed_sdpa_attention(SimpleNamespace(training=False), q, k, v, None, cu_seq_lens_q=cu)
+    assert out.shape == (rows, length, heads, dim)
+    flat = [t.transpose(0, 1).reshape(t.shape[1], rows * length, dim) for t in (q, k, v)]
+    expected = torch.cat([F.scaled_dot_product_attention(*(t[:, a:b] for t in flat), is_causal=True, enable_gqa=True)
+                          for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], dim=1)
+    torch.testing.assert_close(out, expected.reshape(heads, rows, length, dim).permute(1, 2, 0, 3))
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        packed_sdpa_attention(SimpleNamespace(training=False), q, k, v, None, cu_seq_lens_q=cu, sliding_window=4)

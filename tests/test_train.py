@@ -21,7 +21,8 @@ from omniforge.files import atomic_folder
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
 from omniforge.train.components import component_of, configure_stage, merge_lora, param_groups
-from omniforge.train.recipe import DatasetSpec, LoraSpec, StageConfig, load_recipe
+from omniforge.train.evaluate import Evaluator
+from omniforge.train.recipe import DatasetSpec, EvalSpec, LoraSpec, StageConfig, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = str(REPO / "recipes" / "models" / "tiny.yaml")
@@ -233,6 +234,23 @@ def test_corrupt_samples_are_skipped_and_counted(tiny, dataset, tmp_path):
     assert len(samples) == 8  # 2 good records an epoch: 4 epochs, each with 3 bad lines (2 unparseable)
     assert set(stream.skipped) == {"ConversationError", "UnreadableMediaError"}
     assert 6 <= stream.skipped["ConversationError"] <= 8 and 3 <= stream.skipped["UnreadableMediaError"] <= 4
+
+
+def test_training_evals_skip_and_report_bad_records(tiny, dataset):
+    _, processor = tiny
+    evals = dataset.parent / "evals.jsonl"  # beside the media the good records name
+    good = dataset.read_text().splitlines()[:2]
+    missing = json.dumps({"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}],
+                          "images": ["missing.png"]})
+    evals.write_text("\n".join([good[0], "{not json", missing, good[1]]) + "\n")
+    said = []
+    evaluator = Evaluator([EvalSpec("probe", str(evals), limit=8)], processor, warn=said.append)
+    spec, prompts, answers, _ = evaluator.sets[0]
+    assert len(prompts) == 2 and answers == [json.loads(line)["messages"][-1]["content"] for line in good]
+    assert said and said[0].startswith("eval probe: 2 record(s) of") and "evals.jsonl" in said[0]
+    evals.write_text("{not json\n")
+    with pytest.raises(DataError, match="eval probe: no usable record"):
+        Evaluator([EvalSpec("probe", str(evals))], processor, warn=said.append)
 
 
 def test_data_where_every_sample_fails_raises_instead_of_looping(tiny, dataset, tmp_path):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from omniforge.data.dataset import JsonlConversations
-from omniforge.errors import OmniforgeError
+from omniforge.errors import DataError, OmniforgeError
 from omniforge.eval.metrics import normalize_answer
+from omniforge.eval.readers import Skipped, read_jsonl
 from omniforge.eval.runner import generate_texts
 from omniforge.model.generate import GenerationConfig
 from omniforge.processing.chat import OmniProcessor
@@ -18,25 +20,33 @@ BATCH = 16
 class Evaluator:
     """Scores a model on each `EvalSpec`: exact match of greedy answers, or answer loss."""
 
-    def __init__(self, specs: list[EvalSpec], processor: OmniProcessor):
+    def __init__(self, specs: list[EvalSpec], processor: OmniProcessor, warn=print):
         self.processor = processor
         self.sets = []
         for spec in specs:
-            data = JsonlConversations(spec.path)
-            prompts, answers, full = [], [], []
-            for index in range(min(spec.limit, len(data))):
-                record = data.record(index)
-                messages = record["messages"]
-                if not messages or messages[-1]["role"] != "assistant":
-                    raise OmniforgeError(f"{data.where(index)}: an eval record must end with the assistant's answer")
-                media = {m: record.get(m + "s", []) for m in ("image", "video", "audio")}
-                media = {m: [str(data.path.parent / p) for p in v] for m, v in media.items()}
-                prompt = processor.encode(messages[:-1], media, system=record.get("system"), add_generation_prompt=True,
-                                          where=data.where(index))
+            prompts, answers, full, skipped = [], [], [], []
+            for sample in read_jsonl(Path(spec.path)):
+                if len(prompts) == spec.limit:
+                    break
+                if isinstance(sample, Skipped):
+                    skipped.append(sample)
+                    continue
+                try:
+                    prompt = processor.encode(sample.messages, sample.media, system=sample.system,
+                                              add_generation_prompt=True, where=sample.id)
+                    if spec.metric == "loss":
+                        answered = sample.messages + [{"role": "assistant", "content": sample.reference}]
+                        full.append(processor.encode(answered, sample.media, system=sample.system, where=sample.id))
+                except OmniforgeError as e:
+                    skipped.append(Skipped(sample.id, str(e)))
+                    continue
                 prompts.append(prompt)
-                answers.append(messages[-1]["content"] or "")
-                if spec.metric == "loss":
-                    full.append(processor.encode(messages, media, system=record.get("system"), where=data.where(index)))
+                answers.append(sample.reference)
+            if skipped:
+                warn(f"eval {spec.name}: {len(skipped)} record(s) of {spec.path} skipped, e.g. "
+                     f"{skipped[0].id}: {skipped[0].reason}")
+            if not prompts:
+                raise DataError(f"eval {spec.name}: no usable record in {spec.path}")
             self.sets.append((spec, prompts, answers, full))
 
     @torch.no_grad()

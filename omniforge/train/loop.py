@@ -65,7 +65,7 @@ def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False,
     model = _initial_model(recipe, stages[0], out, log)
     model.to(dist.device)
     processor = OmniProcessor.from_model(model)
-    evaluator = Evaluator(recipe.evals, processor) if recipe.evals else None
+    evaluator = Evaluator(recipe.evals, processor, warn=log.print) if recipe.evals else None
     export = None
     for stage in stages:
         export = run_stage(recipe, stage, model, processor, evaluator, dist, log,
