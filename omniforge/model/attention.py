@@ -41,6 +41,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
                      for qs, ks, vs in zip(*(t.split(sizes, dim=2) for t in (q, k, v)))], dim=2)
     return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
 
+
 def register() -> str:
     """Make `omniforge_sdpa` a `transformers` attention implementation (idempotent)."""
     from transformers import AttentionInterface

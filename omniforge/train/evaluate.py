@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from omniforge.data.dataset import JsonlConversations
 from omniforge.errors import DataError, OmniforgeError
 from omniforge.eval.metrics import normalize_answer
-from omniforge.eval.readers import Skipped, read_jsonl
 from omniforge.eval.runner import generate_texts
 from omniforge.model.generate import GenerationConfig
-from omniforge.processing.chat import OmniProcessor
+from omniforge.processing.chat import MODALITIES, ConversationError, OmniProcessor
 from omniforge.train.recipe import EvalSpec
 
 BATCH = 16
@@ -24,27 +22,24 @@ class Evaluator:
         self.processor = processor
         self.sets = []
         for spec in specs:
+            data = JsonlConversations(spec.path)
             prompts, answers, full, skipped = [], [], [], []
-            for sample in read_jsonl(Path(spec.path)):
+            for index in range(len(data)):
                 if len(prompts) == spec.limit:
                     break
-                if isinstance(sample, Skipped):
-                    skipped.append(sample)
-                    continue
                 try:
-                    prompt = processor.encode(sample.messages, sample.media, system=sample.system,
-                                              add_generation_prompt=True, where=sample.id)
+                    messages, media, system = _answered_record(data, index)
+                    prompt = processor.encode(messages[:-1], media, system=system, add_generation_prompt=True,
+                                              where=data.where(index))
                     if spec.metric == "loss":
-                        answered = sample.messages + [{"role": "assistant", "content": sample.reference}]
-                        full.append(processor.encode(answered, sample.media, system=sample.system, where=sample.id))
+                        full.append(processor.encode(messages, media, system=system, where=data.where(index)))
                 except OmniforgeError as e:
-                    skipped.append(Skipped(sample.id, str(e)))
+                    skipped.append(str(e))
                     continue
                 prompts.append(prompt)
-                answers.append(sample.reference)
+                answers.append(messages[-1]["content"] or "")
             if skipped:
-                warn(f"eval {spec.name}: {len(skipped)} record(s) of {spec.path} skipped, e.g. "
-                     f"{skipped[0].id}: {skipped[0].reason}")
+                warn(f"eval {spec.name}: {len(skipped)} record(s) of {spec.path} skipped, e.g. {skipped[0]}")
             if not prompts:
                 raise DataError(f"eval {spec.name}: no usable record in {spec.path}")
             self.sets.append((spec, prompts, answers, full))
@@ -77,3 +72,14 @@ class Evaluator:
             total += model(**inputs).loss.item() * n
             count += n
         return total / max(count, 1)
+
+
+def _answered_record(data: JsonlConversations, index: int) -> tuple[list[dict], dict[str, list[str]], str | None]:
+    """(messages, media paths, system) of a record whose last turn is the reference answer."""
+    record = data.record(index)
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+            and messages[-1].get("role") == "assistant"):
+        raise ConversationError(f"{data.where(index)}: an eval record must end with the assistant's answer")
+    media = {m: [str(data.path.parent / p) for p in record.get(m + "s") or []] for m in MODALITIES}
+    return messages, media, record.get("system")

@@ -180,8 +180,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     working directory, as paths typed on a command line are.
     """
     path = Path(path)
-    overrides = [f"data_dir={Path(o.split('=', 1)[1]).absolute()}" if o.startswith("data_dir=") and o[9:].strip()
-                 else o for o in overrides]
+    overrides = [_data_dir_from_working_dir(o) for o in overrides]
     data = read_yaml(path, "recipe")
     model_file = path.parent / data["model"] if isinstance(data.get("model"), str) else None
     try:
@@ -203,6 +202,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         if value and value != "byte-level":
             setattr(part, key, str(_resolve(value, base)))
     return recipe
+
+
+def _data_dir_from_working_dir(override: str) -> str:
+    """`data_dir=REL` typed on a command line means REL from the working directory."""
+    key, _, value = override.partition("=")
+    return f"data_dir={Path(value).absolute()}" if key == "data_dir" and value.strip() else override
 
 
 def _resolve(p: str | Path, base: Path) -> Path:
