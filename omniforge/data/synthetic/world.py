@@ -350,16 +350,24 @@ def scene_question(shapes: list[scenes.Shape], rng: np.random.Generator) -> tupl
     """A question about a scene and its one- or two-word answer."""
     target = shapes[rng.integers(len(shapes))]
     kind = rng.integers(5 if len(shapes) > 1 else 4)
-    if kind == 0:
-        return f"What colour is the {target.kind}?", target.colour
-    if kind == 1:
-        return f"What shape is {target.colour}?", target.kind
+    if kind < 2:
+        return lookup_question(target, by_colour=kind == 1)
     if kind == 2:
         return "How many shapes are there?", NUMBERS[len(shapes)]
     if kind == 3:
-        return f"Is the {target.kind} big or small?", "big" if target.big else "small"
+        return size_question(target)
     leftmost = min(shapes, key=lambda s: s.x)
     return "What is on the left?", leftmost.name
+
+
+def lookup_question(shape: scenes.Shape, by_colour: bool) -> tuple[str, str]:
+    """"What shape is <colour>?" (by_colour) or "What colour is the <shape>?", and its answer."""
+    return (f"What shape is {shape.colour}?", shape.kind) if by_colour else (f"What colour is the {shape.kind}?", shape.colour)
+
+
+def size_question(shape: scenes.Shape) -> tuple[str, str]:
+    """"Is the <shape> big or small?" and its answer."""
+    return f"Is the {shape.kind} big or small?", "big" if shape.big else "small"
 
 
 def _qa(task: str, metric: str, question: str, answer: str, **kw) -> Record:

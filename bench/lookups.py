@@ -1,0 +1,88 @@
+"""Does a checkpoint bind attributes to objects? Every object of fresh scenes of two or three
+shapes is asked its colour ("What colour is the <shape>?"), its shape ("What shape is
+<colour>?") and its size ("Is the <shape> big or small?"); accuracy by shape count, next to
+what a model that sees which attributes are present but not which object has which would get.
+
+    python bench/lookups.py runs/demo/checkpoint [--scenes 120] [--split val] [--seed 1234]
+
+The demo's test split asks about 15 questions of each kind; this asks ~900, so the lookups'
+state shows clearly (BENCHMARKS.md, session 8). Size is split by whether the scene's shapes
+share a size: when they do, the answer needs no binding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from omniforge.data.synthetic import scenes  # noqa: E402
+from omniforge.data.synthetic.world import TILE, lookup_question, size_question  # noqa: E402
+from omniforge.eval.readers import TaskSpec, load_tasks  # noqa: E402
+from omniforge.eval.runner import evaluate  # noqa: E402
+from omniforge.model.omni import OmniModel  # noqa: E402
+
+KINDS = {"colour": "What colour is the <shape>?", "shape": "What shape is <colour>?",
+         "size, sizes differ": "Is the <shape> big or small? (sizes differ)",
+         "size, one size": "Is the <shape> big or small? (one size)"}
+CHANCE = {"colour": (50, 33), "shape": (50, 33), "size, sizes differ": (50, 50), "size, one size": (100, 100)}
+"""Accuracy (2 / 3 shapes) of answering with any attribute present, the asked object's or not."""
+
+
+def questions(shapes: list[scenes.Shape]) -> list[tuple[str, str, str]]:
+    """(kind, question, answer): the three lookups of every shape of a scene."""
+    sizes = "size, one size" if len({s.big for s in shapes}) == 1 else "size, sizes differ"
+    return [item for shape in shapes for item in (("colour", *lookup_question(shape, by_colour=False)),
+                                                  ("shape", *lookup_question(shape, by_colour=True)),
+                                                  (sizes, *size_question(shape)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a saved omniforge model (e.g. runs/demo/checkpoint)")
+    parser.add_argument("--scenes", type=int, default=120, help="fresh scenes to ask about")
+    parser.add_argument("--split", default="val", choices=("train", "val", "test"),
+                        help="which (colour, shape) pairs the scenes may use (test adds the held-out ones)")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    rng = np.random.default_rng(args.seed)
+    kinds, counts, lines = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for i in range(args.scenes):
+            shapes = scenes.scene(rng, args.split, int(rng.integers(2, 4)))
+            scenes.render(shapes, TILE, TILE, rng).save(folder / f"scene_{i}.png")
+            for kind, question, answer in questions(shapes):
+                kinds.append(kind)
+                counts.append(len(shapes))
+                lines.append(json.dumps({"messages": [{"role": "user", "content": f"<image>\n{question}"},
+                                                      {"role": "assistant", "content": answer}],
+                                         "images": [f"scene_{i}.png"], "metric": "exact_match"}))
+        (folder / "lookups.jsonl").write_text("\n".join(lines) + "\n")
+        tasks = load_tasks(TaskSpec("lookups", "jsonl", folder / "lookups.jsonl"))
+        evaluate(OmniModel.from_pretrained(args.checkpoint), tasks, folder / "eval", batch_size=32,
+                 max_new_tokens=8, progress=False)
+        verdicts = [json.loads(line)["correct"]
+                    for line in (folder / "eval" / "predictions" / f"{tasks[0].name}.jsonl").read_text().splitlines()]
+    right = defaultdict(list)
+    for kind, count, correct in zip(kinds, counts, verdicts):
+        right[kind, count].append(bool(correct))
+    print(f"{args.checkpoint}: {len(verdicts)} questions about {args.scenes} fresh {args.split}-split scenes\n")
+    print("| question | 2 shapes | 3 shapes | attributes without binding (2 / 3) |\n|---|---|---|---|")
+    for kind, label in KINDS.items():
+        cells = [f"{100 * np.mean(right[kind, n]):.0f} % ({len(right[kind, n])})" if right[kind, n] else "-"
+                 for n in (2, 3)]
+        print(f"| {label} | {cells[0]} | {cells[1]} | {CHANCE[kind][0]} / {CHANCE[kind][1]} % |")
+
+
+if __name__ == "__main__":
+    main()
