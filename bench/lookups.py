@@ -30,11 +30,11 @@ from omniforge.eval.readers import TaskSpec, load_tasks  # noqa: E402
 from omniforge.eval.runner import evaluate  # noqa: E402
 from omniforge.model.omni import OmniModel  # noqa: E402
 
-KINDS = {"colour": "What colour is the <shape>?", "shape": "What shape is <colour>?",
-         "size, sizes differ": "Is the <shape> big or small? (sizes differ)",
-         "size, one size": "Is the <shape> big or small? (one size)"}
-CHANCE = {"colour": (50, 33), "shape": (50, 33), "size, sizes differ": (50, 50), "size, one size": (100, 100)}
-"""Accuracy (2 / 3 shapes) of answering with any attribute present, the asked object's or not."""
+KINDS = {"colour": ("What colour is the <shape>?", (50, 33)), "shape": ("What shape is <colour>?", (50, 33)),
+         "size, sizes differ": ("Is the <shape> big or small? (sizes differ)", (50, 50)),
+         "size, one size": ("Is the <shape> big or small? (one size)", (100, 100))}
+"""Per kind of question: its row label, and the accuracy (2 / 3 shapes) of answering with any
+attribute present, the asked object's or not."""
 
 
 def questions(shapes: list[scenes.Shape]) -> list[tuple[str, str, str]]:
@@ -78,10 +78,10 @@ def main() -> None:
         right[kind, count].append(bool(correct))
     print(f"{args.checkpoint}: {len(verdicts)} questions about {args.scenes} fresh {args.split}-split scenes\n")
     print("| question | 2 shapes | 3 shapes | attributes without binding (2 / 3) |\n|---|---|---|---|")
-    for kind, label in KINDS.items():
+    for kind, (label, chance) in KINDS.items():
         cells = [f"{100 * np.mean(right[kind, n]):.0f} % ({len(right[kind, n])})" if right[kind, n] else "-"
                  for n in (2, 3)]
-        print(f"| {label} | {cells[0]} | {cells[1]} | {CHANCE[kind][0]} / {CHANCE[kind][1]} % |")
+        print(f"| {label} | {cells[0]} | {cells[1]} | {chance[0]} / {chance[1]} % |")
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def examples(checkpoint: Path, test: Path) -> list[dict]:
     """Two answers of the final model: a question about an image, and one asked aloud."""
     from omniforge.model.generate import GenerationConfig, generate
     from omniforge.model.omni import OmniModel
-    from omniforge.processing.chat import OmniProcessor
+    from omniforge.processing.chat import OmniProcessor, record_media
 
     model = OmniModel.from_pretrained(checkpoint).eval()
     processor = OmniProcessor.from_model(model)
@@ -175,7 +175,7 @@ def examples(checkpoint: Path, test: Path) -> list[dict]:
     out = []
     for what, file, index in picked:
         record = json.loads((test / file).read_text().splitlines()[index])
-        media = {m: [str(test / p) for p in record.get(m + "s", [])] for m in ("image", "video", "audio")}
+        media = record_media(record, test)
         prompt = processor.encode(record["messages"][:-1], media, add_generation_prompt=True)
         inputs = processor.collate([prompt], padding_side="left")
         inputs.pop("labels")

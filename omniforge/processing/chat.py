@@ -72,13 +72,8 @@ class OmniProcessor:
         """A JSONL training record; relative media paths resolve against `base_dir`."""
         if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
             raise ConversationError(f"{where}: expected an object with a 'messages' list")
-        media = {}
-        for modality in MODALITIES:
-            items = record.get(modality + "s", []) or []
-            if not isinstance(items, list):
-                raise ConversationError(f"{where}.{modality}s: expected a list of paths")
-            media[modality] = [_resolve(x, base_dir) for x in items]
-        return self.encode(record["messages"], media, system=record.get("system"), where=where)
+        return self.encode(record["messages"], record_media(record, base_dir, where), system=record.get("system"),
+                           where=where)
 
     def encode_openai(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                       where: str = "request") -> Encoded:
@@ -248,6 +243,18 @@ def _in_text_order(ids: list[int], placeholder_ids: dict[str, int], items: dict[
     by_id = {v: k for k, v in placeholder_ids.items()}
     queues = {m: iter(items[m]) for m in MODALITIES}
     return [next(queues[by_id[t]]) for t in ids if t in by_id]
+
+
+def record_media(record: dict[str, Any], base_dir: str | Path | None = None,
+                 where: str = "sample") -> dict[str, list]:
+    """A record's `images` / `videos` / `audios` lists by modality; relative paths resolve against `base_dir`."""
+    media = {}
+    for modality in MODALITIES:
+        items = record.get(modality + "s", []) or []
+        if not isinstance(items, list):
+            raise ConversationError(f"{where}.{modality}s: expected a list of paths")
+        media[modality] = [_resolve(x, base_dir) for x in items]
+    return media
 
 
 def _resolve(source, base_dir):

@@ -9,7 +9,7 @@ from omniforge.errors import DataError, OmniforgeError
 from omniforge.eval.metrics import normalize_answer
 from omniforge.eval.runner import generate_texts
 from omniforge.model.generate import GenerationConfig
-from omniforge.processing.chat import MODALITIES, ConversationError, OmniProcessor
+from omniforge.processing.chat import ConversationError, OmniProcessor, record_media
 from omniforge.train.recipe import EvalSpec
 
 BATCH = 16
@@ -81,5 +81,4 @@ def _answered_record(data: JsonlConversations, index: int) -> tuple[list[dict], 
     if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
             and messages[-1].get("role") == "assistant"):
         raise ConversationError(f"{data.where(index)}: an eval record must end with the assistant's answer")
-    media = {m: [str(data.path.parent / p) for p in record.get(m + "s") or []] for m in MODALITIES}
-    return messages, media, record.get("system")
+    return messages, record_media(record, data.path.parent, data.where(index)), record.get("system")
