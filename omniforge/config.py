@@ -71,9 +71,15 @@ class AudioConfig:
     over the LLM's vocabulary, summed over the token's frames (LegoSLM), so audio arrives
     looking like text; the adapter's MLP then starts at zero and learns the rest. Needs the
     CTC head in the folder (`ctc_head.safetensors`, written by `omniforge encoders`)."""
+    trim_seconds: float | None = None
+    """Encode each window's audio only, rounded up to a multiple of this many seconds, not the
+    whole zero-padded window. None for a real Whisper (trained on whole 30-s windows); set it to
+    what the tower was pretrained with (the micro stand-in: recipes/micro_encoders.yaml)."""
 
     def validate(self, key: str) -> None:
         _exactly_one_source(self, key)
+        require(self.trim_seconds is None or self.trim_seconds > 0, f"{key}.trim_seconds",
+                f"must be > 0 seconds or null, got {self.trim_seconds}")
         stack = 50 / self.tokens_per_second if self.tokens_per_second > 0 else 0
         require(stack >= 1 and abs(stack - round(stack)) < 1e-9, f"{key}.tokens_per_second",
                f"must divide 50 (the encoder's frame rate), got {self.tokens_per_second}")

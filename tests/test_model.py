@@ -58,6 +58,30 @@ def test_audio_encoder_output_matches_formula(omni_model, seconds):
     assert omni_model.audio(features, valid).shape == (geometry.tokens(samples), 32 * geometry.stack)
 
 
+def test_trimmed_windows_equal_each_window_encoded_alone_to_its_rounded_length(omni_model):
+    """`audio.trim_seconds`: a window's frames depend only on its own audio (not on the batch), are
+    the encoder's on the rounded-up length, and untrimmed (full) windows match the HF forward."""
+    from omniforge.model.audio import AudioEncoder
+
+    torch.manual_seed(0)
+    tower = omni_model.audio.encoder.eval()
+    trimmed = AudioEncoder(tower, trim_seconds=0.5)
+    window = trimmed.geometry.window_frames  # 200 frames (2 s)
+    assert trimmed.trim_frames == 48  # 0.5 s rounded to whole tokens (2 x 4 frames a token)
+    features, valid = torch.randn(4, 80, window), torch.tensor([window, 30, 100, 48])
+    with torch.no_grad():
+        batch = trimmed.encode(features, valid)
+        alone = [trimmed.encode(features[i:i + 1], valid[i:i + 1])[0] for i in range(4)]
+        full = tower(input_features=features).last_hidden_state
+    for i, length in enumerate([window, 48, 144, 48]):
+        torch.testing.assert_close(batch[i], alone[i])
+        assert batch[i, length // 2:].abs().sum() == 0
+        if length < window:  # the padding a whole window's frames attend to is gone
+            assert not torch.allclose(batch[i, :length // 2], full[i, :length // 2])
+    torch.testing.assert_close(batch[0], full[0])
+    assert trimmed(features, valid).shape == AudioEncoder(tower)(features, valid).shape  # the same token counts
+
+
 # --------------------------------------------------------------------------- loading
 
 @pytest.mark.parametrize("llm, vision, audio", [

@@ -35,6 +35,7 @@ from omniforge.config import VisionConfig, from_dict, read_yaml, require
 from omniforge.data.synthetic import scenes
 from omniforge.data.synthetic.scenes import COLOURS, SHAPES, WORDS
 from omniforge.errors import ConfigError
+from omniforge.processing.counts import ENCODER_STRIDE
 
 ENCODERS_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "micro_encoders.yaml"
 QUICK_STEPS = 1 / 20
@@ -76,6 +77,9 @@ class AudioPretraining:
     """Utterances a step."""
     lr: float = 2e-3
     """Peak AdamW learning rate (warm-up, then cosine)."""
+    trim_seconds: float | None = None
+    """Encode each utterance's audio only, rounded up to this many seconds, not its whole window
+    (the model's `audio.trim_seconds` must then say the same)."""
 
     def validate(self, key: str) -> None:
         require(self.steps > 0 and self.batch_size > 0, f"{key}.steps", "steps and batch_size must be > 0")
@@ -259,7 +263,7 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
     from omniforge.model.loading import hf_config
 
     spec = recipe.audio
-    audio = AudioEncoder(WhisperEncoder(hf_config(None, spec.arch, "audio")))  # for its window geometry
+    audio = AudioEncoder(WhisperEncoder(hf_config(None, spec.arch, "audio")), trim_seconds=spec.trim_seconds)
     encoder = audio.encoder
     tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer", local_files_only=True)
     train, val = _utterances(world / "train" / "asr.jsonl", audio, tokenizer, log), \
@@ -269,8 +273,9 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
     rng = np.random.default_rng(recipe.seed)
 
     def log_probs(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = encoder(input_features=torch.stack([u.features for u in batch])).last_hidden_state
-        return head(hidden).log_softmax(-1), torch.tensor([u.frames for u in batch])
+        valid = torch.tensor([u.valid_frames for u in batch])
+        hidden = audio.encode(torch.stack([u.features for u in batch]), valid)
+        return head(hidden).log_softmax(-1), valid // ENCODER_STRIDE
 
     def step() -> torch.Tensor:
         batch = [train[i] for i in rng.integers(len(train), size=spec.batch_size)]
@@ -294,8 +299,8 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
 class _Utterance:
     features: torch.Tensor
     """(n_mels, window_frames) log-mel of the one window the utterance fits in."""
-    frames: int
-    """Encoder frames that hold speech (CTC input length)."""
+    valid_frames: int
+    """Mel frames that hold speech (half as many encoder frames: the CTC input length)."""
     ids: list[int]
     text: str
 
@@ -303,7 +308,6 @@ class _Utterance:
 def _utterances(file: Path, audio, tokenizer, log) -> list[_Utterance]:
     """Transcribed utterances of an ASR file; longer than one encoder window: skipped and counted."""
     from omniforge.processing.audio import AudioProcessor, load_audio
-    from omniforge.processing.counts import ENCODER_STRIDE
 
     window = audio.geometry.window_frames
     processor = AudioProcessor(audio.num_mel_bins, window_frames=window)
@@ -315,7 +319,7 @@ def _utterances(file: Path, audio, tokenizer, log) -> list[_Utterance]:
         if len(features.valid_frames) > 1:
             skipped += 1
             continue
-        found.append(_Utterance(features.features[0], int(features.valid_frames[0]) // ENCODER_STRIDE,
+        found.append(_Utterance(features.features[0], int(features.valid_frames[0]),
                                 tokenizer(text)["input_ids"], text))
     if skipped:
         log(f"  {file}: {skipped} utterances longer than one {window // 100}-s window skipped")
