@@ -6,7 +6,8 @@ Prints real (non-padding) tokens/s with packing and with padded batches that hol
 samples, the padding waste of each, and the achieved FLOP/s of a training step (counted by
 torch's FlopCounterMode) as a fraction of a plain fp32 matmul's FLOP/s measured in the same run,
 and the time of a whole step (batch building included) with batches built inline and by a
-prefetch thread.
+prefetch thread; and the micro Whisper stand-in's forward + backward on whole zero-padded windows
+against windows trimmed to their audio (`audio.trim_seconds`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,27 @@ def step_flops(model, batch) -> int:
     return counter.get_total_flops()
 
 
+def audio_window_seconds(trim_seconds: float | None, repeats: int = 6) -> float:
+    """Seconds for forward + backward of the micro Whisper stand-in (recipes/micro_encoders.yaml)
+    over 32 four-second windows holding 0.8-2.4 s of speech, as the demo's utterances do."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from omniforge.model.audio import AudioEncoder
+    from omniforge.model.loading import hf_config
+    from omniforge.train.encoders import load_encoder_recipe
+
+    torch.manual_seed(0)
+    encoder = AudioEncoder(WhisperEncoder(hf_config(None, load_encoder_recipe().audio.arch, "audio")),
+                           trim_seconds=trim_seconds).train()
+    window = encoder.geometry.window_frames
+    features, valid = torch.randn(32, encoder.num_mel_bins, window), torch.randint(80, 240, (32,))
+    for i in range(repeats + 2):
+        if i == 2:
+            start = time.perf_counter()
+        encoder.encode(features, valid).sum().backward()
+    return (time.perf_counter() - start) / repeats
+
+
 def main() -> None:
     torch.manual_seed(0)
     model = OmniModel.from_config(load_config(TINY_MODEL)).train()
@@ -108,6 +130,9 @@ def main() -> None:
     print(f"a step with its batch built inline: {steps_with['inline'] * 1000:.0f} ms; built by a prefetch thread: "
           f"{steps_with['prefetch thread'] * 1000:.0f} ms ({os.cpu_count()} cores, {torch.get_num_threads()} "
           f"intra-op threads; the training loop prefetches only with a core to spare)")
+    whole, trimmed = audio_window_seconds(None), audio_window_seconds(0.5)
+    print(f"micro Whisper stand-in, 32 windows of 4 s holding 0.8-2.4 s of speech, forward + backward: whole windows "
+          f"{whole * 1000:.0f} ms, trimmed to their audio (trim_seconds 0.5) {trimmed * 1000:.0f} ms: {whole / trimmed:.2f}x")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from omniforge.data.synthetic import scenes, speech
 from omniforge.data.synthetic.world import WorldSize, synthesize_world
 from omniforge.eval.readers import TaskSpec, load_tasks
 
-SMALL = WorldSize(caption=4, image_qa=6, ocr=3, hires=3, video_qa=4, asr=5, translation=3, spoken_qa=4,
-                  background=4, text_qa=4, text_lm=6, eval_size=4)
+SMALL = WorldSize(caption=4, image_qa=6, ocr=3, hires=3, video_qa=4, video_directions=8, asr=5, translation=3,
+                  spoken_qa=4, background=4, text_qa=4, text_lm=6, eval_size=4)
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -39,7 +39,7 @@ def test_every_split_has_its_tasks_in_the_training_format(world):
         names = {p.stem for p in (world / split).glob("*.jsonl")}
         assert {"image_qa", "ocr", "hires", "video_qa", "asr", "translation", "spoken_qa", "background",
                 "text_qa"} <= names
-    assert {"caption", "text_lm"} <= {p.stem for p in (world / "train").glob("*.jsonl")}
+    assert {"caption", "text_lm", "video_directions"} <= {p.stem for p in (world / "train").glob("*.jsonl")}
     for file in (world / "test").glob("*.jsonl"):
         for line in file.read_text().splitlines():
             record = json.loads(line)
@@ -66,6 +66,28 @@ def test_videos_cover_all_three_sampling_regimes(world):
         durations.append(load_video(world / "train" / record["videos"][0]).duration)
     # 2-4 s (4 frames), 4-16 s (1 fps), 16-20 s (16 frames), chosen uniformly at random per clip
     assert all(1.9 < d < 20.5 for d in durations)
+
+
+def test_direction_clips_move_the_way_their_answer_says(world):
+    from omniforge.processing.video import load_video
+
+    lines = (world / "train" / "video_directions.jsonl").read_text().splitlines()
+    assert len(lines) == SMALL.video_directions
+    for line in lines:
+        record = json.loads(line)
+        question, answer = (m["content"] for m in record["messages"])
+        assert question.startswith("<video>\nWhich way does the ") and answer in ("left", "right", "up", "down")
+        video = load_video(world / "train" / record["videos"][0])
+        assert 1.9 < video.duration < 4.1 and len(video.frames) == 4  # short: 4 sampled frames
+
+        def centre(frame) -> np.ndarray:  # (x, y) of the pixels far from the background
+            pixels = np.asarray(frame.convert("RGB")).astype(int)
+            ys, xs = np.nonzero(np.abs(pixels - np.array(scenes.BACKGROUND)).sum(-1) > 120)
+            return np.array([xs.mean(), ys.mean()])
+
+        dx, dy = centre(video.frames[-1]) - centre(video.frames[0])
+        moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        assert moved == answer and max(abs(dx), abs(dy)) > 20  # pixels, of 64
 
 
 def test_background_speech_has_no_answer_and_the_background_state(world):

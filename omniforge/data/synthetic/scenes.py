@@ -129,23 +129,36 @@ class Clip:
 
 def moving_clip(rng: np.random.Generator, split: str, seconds: float, size: int, fps: float) -> Clip:
     """One shape crossing the frame (left, right, up or down), or shapes appearing one by one."""
+    if rng.random() < 0.5:
+        return crossing_clip(rng, split, seconds, size, fps)
+    return appearing_clip(rng, split, seconds, size, fps)
+
+
+def crossing_clip(rng: np.random.Generator, split: str, seconds: float, size: int, fps: float) -> Clip:
+    """One shape crossing the frame left, right, up or down: "Which way does the <colour> <shape> move?"."""
     from PIL import Image, ImageDraw
 
-    n = max(2, int(round(seconds * fps)))
+    n = _frame_count(seconds, fps)
     allowed = pairs(split)
-    if rng.random() < 0.5:
-        colour, kind = allowed[rng.integers(len(allowed))]
-        direction = ("left", "right", "up", "down")[rng.integers(4)]
-        frames = []
-        for i in range(n):
-            t = 0.15 + 0.7 * i / (n - 1)
-            x, y = {"right": (t, 0.5), "left": (1 - t, 0.5), "down": (0.5, t), "up": (0.5, 1 - t)}[direction]
-            image = Image.new("RGB", (size, size), BACKGROUND)
-            # never asked about its size: big in a 0.42-wide slot is a radius of 0.19 of the frame
-            draw_shape(ImageDraw.Draw(image), Shape(colour, kind, True, x, y, slot=0.42), size, size)
-            frames.append(np.asarray(image))
-        return Clip(frames, fps, [(f"Which way does the {colour} {kind} move?", direction),
-                                  (f"What colour is the moving {kind}?", colour)])
+    colour, kind = allowed[rng.integers(len(allowed))]
+    direction = ("left", "right", "up", "down")[rng.integers(4)]
+    frames = []
+    for i in range(n):
+        t = 0.15 + 0.7 * i / (n - 1)
+        x, y = {"right": (t, 0.5), "left": (1 - t, 0.5), "down": (0.5, t), "up": (0.5, 1 - t)}[direction]
+        image = Image.new("RGB", (size, size), BACKGROUND)
+        # never asked about its size: big in a 0.42-wide slot is a radius of 0.19 of the frame
+        draw_shape(ImageDraw.Draw(image), Shape(colour, kind, True, x, y, slot=0.42), size, size)
+        frames.append(np.asarray(image))
+    return Clip(frames, fps, [(f"Which way does the {colour} {kind} move?", direction),
+                              (f"What colour is the moving {kind}?", colour)])
+
+
+def appearing_clip(rng: np.random.Generator, split: str, seconds: float, size: int, fps: float) -> Clip:
+    """2-3 shapes appearing one by one: "Which colour appears first?", "How many shapes appear?"."""
+    from PIL import Image, ImageDraw
+
+    n = _frame_count(seconds, fps)
     count = int(rng.integers(2, 4))
     shapes = scene(rng, split, count)
     order = rng.permutation(count)
@@ -159,3 +172,7 @@ def moving_clip(rng: np.random.Generator, split: str, seconds: float, size: int,
         frames.append(np.asarray(image))
     questions = [("Which colour appears first?", shapes[order[0]].colour), ("How many shapes appear?", NUMBERS[count])]
     return Clip(frames, fps, questions if rng.random() < 0.5 else questions[::-1])
+
+
+def _frame_count(seconds: float, fps: float) -> int:
+    return max(2, int(round(seconds * fps)))

@@ -5,8 +5,9 @@
     DIR/tokenizer/                        a BPE tokenizer trained on the world's text (HF format)
     DIR/world.json                        sizes, voices, held-out combinations, seed
 
-Tasks: caption, image_qa, ocr, hires (small details that need tiling), video_qa, asr,
-translation (Spanish speech -> English text), spoken_qa (image questions asked aloud; the
+Tasks: caption, image_qa, ocr, hires (small details that need tiling), video_qa,
+video_directions (short clips of one shape crossing the frame, "which way?", training only),
+asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud; the
 test split pairs each with its text twin), background (talk not meant for the assistant:
 empty answer), text_qa, and text_lm (sentences to repeat: the text warm-up that stands in for
 a pretrained LLM). The test split uses held-out voices, speaking rates and
@@ -52,6 +53,7 @@ class WorldSize:
     ocr: int = 700
     hires: int = 500
     video_qa: int = 900
+    video_directions: int = 1500
     asr: int = 1500
     translation: int = 700
     spoken_qa: int = 1000
@@ -62,8 +64,8 @@ class WorldSize:
 
     @classmethod
     def quick(cls) -> "WorldSize":
-        return cls(caption=200, image_qa=400, ocr=120, hires=80, video_qa=150, asr=350, translation=120,
-                   spoken_qa=200, background=100, text_qa=150, text_lm=500, eval_size=40)
+        return cls(caption=200, image_qa=400, ocr=120, hires=80, video_qa=150, video_directions=150, asr=350,
+                   translation=120, spoken_qa=200, background=100, text_qa=150, text_lm=500, eval_size=40)
 
 
 @dataclass
@@ -94,6 +96,7 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
             "ocr": builder.ocr(split, n("ocr")),
             "hires": builder.hires(split, n("hires")),
             "video_qa": builder.video_qa(split, n("video_qa")),
+            "video_directions": builder.video_directions(split, n("video_directions")) if split == "train" else [],
             "asr": builder.asr(split, n("asr")),
             "translation": builder.translation(split, n("translation")),
             "spoken_qa": builder.spoken_qa(split, n("spoken_qa")),
@@ -209,6 +212,23 @@ class _Builder:
                 messages += [{"role": "user", "content": ("<video>\n" if j == 0 else "") + question},
                              {"role": "assistant", "content": answer}]
             records.append(Record("video_qa", "exact_match", messages, videos=[self.rel(video)]))
+        return records
+
+    def video_directions(self, split: str, n: int) -> list[Record]:
+        """Clips of 2-4 s (4 frames sampled) of one shape crossing the frame, each asking which way
+        it moves. The video records hold too few of these for vertical motion to be learned in stage
+        1b (every "up" and "down" got the same answer); on their own, ~1,600 of them teach it
+        (BENCHMARKS.md, session 9)."""
+        from omniforge.data.media_writers import write_video
+
+        rng = self.rng(split, "video_directions")
+        records = []
+        for i in range(n):
+            clip = scenes.crossing_clip(rng, split, float(rng.uniform(2, 4)), TILE, fps=4.0)
+            video = self.path(split, "videos", f"direction_{i:05d}.mp4")
+            write_video(video, clip.frames, fps=clip.fps, gop=8)
+            records.append(_qa("video_qa", "exact_match", f"<video>\n{clip.questions[0][0]}", clip.questions[0][1],
+                               videos=[self.rel(video)]))
         return records
 
     # ------------------------------------------------------------------ speech
