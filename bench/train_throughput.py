@@ -111,9 +111,11 @@ def main() -> None:
         packed_s, packed_tokens, packed_capacity = train_steps(model, packed, STEPS)
         padded_s, padded_tokens, padded_capacity = train_steps(model, padded, STEPS)
         flops = step_flops(model, next(PackedBatches(SampleStream(mixture, processor), processor, BUDGET)))
-        steps_with = {name: train_steps(model, wrap(PackedBatches(SampleStream(mixture, processor), processor, BUDGET)),
-                                        STEPS, with_batching=True)[0] / STEPS
-                      for name, wrap in (("inline", iter), ("prefetch thread", Prefetch))}
+        inline = PackedBatches(SampleStream(mixture, processor), processor, BUDGET)
+        prefetch = Prefetch(PackedBatches(SampleStream(mixture, processor), processor, BUDGET))
+        steps_with = {name: train_steps(model, batches, STEPS, with_batching=True)[0] / STEPS
+                      for name, batches in (("inline", inline), ("prefetch thread", prefetch))}
+        prefetch.close()
     packed_rate, padded_rate = packed_tokens / packed_s, padded_tokens / padded_s
     peak = matmul_flops_per_second()
     achieved = flops / (packed_s / STEPS)
