@@ -11,6 +11,7 @@ import pytest
 
 from omniforge.data.synthetic import scenes, speech
 from omniforge.data.synthetic.world import WorldSize, synthesize_world
+from omniforge.errors import ConfigError
 from omniforge.eval.readers import TaskSpec, load_tasks
 
 SMALL = WorldSize(caption=4, image_qa=6, ocr=3, hires=3, video_qa=4, video_directions=8, asr=5, translation=3,
@@ -187,7 +188,6 @@ def test_vision_pretraining_labels_match_the_rendered_pixels():
 
 
 def test_encoder_pretraining_needs_a_world(tmp_path):
-    from omniforge.errors import ConfigError
     from omniforge.train.encoders import pretrain_encoders
 
     with pytest.raises(ConfigError, match="omniforge synth"):
@@ -226,3 +226,8 @@ def test_stand_in_encoders_learn_and_load_through_the_micro_recipe(world):
     assert (world / "encoders" / "vision" / "preprocessor_config.json").is_file()
     assert (world / "encoders" / "audio" / "config.json").is_file()
     assert model.audio.ctc_weight is not None  # the micro model reads the stand-in's CTC head
+    assert model.audio.trim_frames is not None  # and encodes windows as the stand-in was pretrained
+    whole = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml",
+                        [f"data_dir={world}", "model.audio.trim_seconds=null"])
+    with pytest.raises(ConfigError, match="pretrained on windows trimmed to 0.5 s"):
+        OmniModel.from_config(whole.model)

@@ -53,6 +53,10 @@ class AudioEncoder(nn.Module):
         whisper_config = hf_config(config.path, config.arch, "audio")
         if whisper_config.model_type != "whisper":
             raise ConfigError(f"audio: expected a Whisper model, got model_type={whisper_config.model_type!r}")
+        pretrained = getattr(whisper_config, "pretrained_trim_seconds", None)  # written by `omniforge encoders`
+        if pretrained is not None and pretrained != config.trim_seconds:
+            raise ConfigError(f"audio.trim_seconds: the tower in {config.path} was pretrained on windows trimmed to "
+                              f"{pretrained} s; set audio.trim_seconds: {pretrained} (got {config.trim_seconds})")
         encoder = build_tower(WhisperEncoder, whisper_config, config.path, dtype, "audio", weights)
         head = load_ctc_head(config.path, whisper_config.d_model, dtype, weights) if config.ctc_posteriors else None
         return cls(encoder, config.tokens_per_second, head, config.trim_seconds)

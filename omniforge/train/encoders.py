@@ -79,10 +79,12 @@ class AudioPretraining:
     """Peak AdamW learning rate (warm-up, then cosine)."""
     trim_seconds: float | None = None
     """Encode each utterance's audio only, rounded up to this many seconds, not its whole window
-    (the model's `audio.trim_seconds` must then say the same)."""
+    (recorded in the saved tower's config; the model's `audio.trim_seconds` must say the same)."""
 
     def validate(self, key: str) -> None:
         require(self.steps > 0 and self.batch_size > 0, f"{key}.steps", "steps and batch_size must be > 0")
+        require(self.trim_seconds is None or self.trim_seconds > 0, f"{key}.trim_seconds",
+                f"must be > 0 seconds or null, got {self.trim_seconds}")
 
 
 @dataclass
@@ -290,6 +292,7 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
     hypotheses = [tokenizer.decode(_ctc_greedy(s[:n], blank)) for s, n in zip(scores, lengths.tolist())]
     result = {"ctc_wer": round(wer(hypotheses, [u.text for u in val]), 1)}
     log(f"  audio stand-in, greedy CTC on {len(val)} validation utterances: {result['ctc_wer']} % WER")
+    encoder.config.pretrained_trim_seconds = spec.trim_seconds  # AudioEncoder.from_config checks the model's
     encoder.save_pretrained(out)
     save_ctc_head(out, head.weight, head.bias)
     return result
