@@ -79,13 +79,11 @@ class AudioEncoder(nn.Module):
             return self.encoder(input_features=features).last_hidden_state
         lengths = (valid_frames.clamp(min=1) + self.trim_frames - 1) // self.trim_frames * self.trim_frames
         lengths = lengths.clamp(max=self.geometry.window_frames)
-        hidden = None
+        hidden = features.new_zeros(len(features), self.geometry.window_frames // ENCODER_STRIDE,
+                                    self.encoder.config.d_model)
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().squeeze(1)
-            part = _whisper_encoder_forward(self.encoder, features[rows, :, :length])
-            if hidden is None:
-                hidden = part.new_zeros(len(features), self.geometry.window_frames // ENCODER_STRIDE, part.shape[-1])
-            hidden = hidden.index_put((rows,), nn.functional.pad(part, (0, 0, 0, hidden.shape[1] - part.shape[1])))
+            hidden[rows, : length // ENCODER_STRIDE] = _whisper_encoder_forward(self.encoder, features[rows, :, :length])
         return hidden
 
     def ctc_embeddings(self, tokens: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:

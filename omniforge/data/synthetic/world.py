@@ -29,6 +29,8 @@ from omniforge.data.synthetic.scenes import COLOURS, NUMBERS, SHAPES, WORDS
 SPLITS = ("train", "val", "test")
 TILE = 64
 """Side of a single-tile image (px); the micro model's tile size."""
+CLIP_FPS = 4.0
+"""Frame rate of the world's clips."""
 SPANISH_COLOURS = {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "purple": "morado",
                    "orange": "naranja"}
 SPANISH_SHAPES = {"circle": ("el", "círculo"), "square": ("el", "cuadrado"), "triangle": ("el", "triángulo"),
@@ -140,6 +142,14 @@ class _Builder:
         scenes.render(shapes, TILE, TILE, rng).save(image)
         return shapes, self.rel(image)
 
+    def clip_video(self, split: str, clip: scenes.Clip, name: str) -> str:
+        """A clip saved as MP4 (a keyframe every 8 frames); the path the JSONL names."""
+        from omniforge.data.media_writers import write_video
+
+        video = self.path(split, "videos", name)
+        write_video(video, clip.frames, fps=clip.fps, gop=8)
+        return self.rel(video)
+
     def rel(self, path: Path) -> str:
         """A media path as the split's JSONL files name it (relative to DIR/<split>/)."""
         return f"../{path.relative_to(self.out).as_posix()}"
@@ -197,21 +207,18 @@ class _Builder:
 
     def video_qa(self, split: str, n: int) -> list[Record]:
         """Clips of 2-20 s (all three frame-sampling regimes); in training, every question a clip answers."""
-        from omniforge.data.media_writers import write_video
-
         rng = self.rng(split, "video_qa")
         records = []
         for i in range(n):
             seconds = float(rng.choice([rng.uniform(2, 4), rng.uniform(4, 16), rng.uniform(16, 20)]))
-            clip = scenes.moving_clip(rng, split, seconds, TILE, fps=4.0)
-            video = self.path(split, "videos", f"clip_{i:05d}.mp4")
-            write_video(video, clip.frames, fps=clip.fps, gop=8)
+            clip = scenes.moving_clip(rng, split, seconds, TILE, CLIP_FPS)
+            video = self.clip_video(split, clip, f"clip_{i:05d}.mp4")
             questions = clip.questions if split == "train" else clip.questions[:1]
             messages = []
             for j, (question, answer) in enumerate(questions):
                 messages += [{"role": "user", "content": ("<video>\n" if j == 0 else "") + question},
                              {"role": "assistant", "content": answer}]
-            records.append(Record("video_qa", "exact_match", messages, videos=[self.rel(video)]))
+            records.append(Record("video_qa", "exact_match", messages, videos=[video]))
         return records
 
     def video_directions(self, split: str, n: int) -> list[Record]:
@@ -219,16 +226,13 @@ class _Builder:
         it moves. The video records hold too few of these for vertical motion to be learned in stage
         1b (every "up" and "down" got the same answer); on their own, ~1,600 of them teach it
         (BENCHMARKS.md, session 9)."""
-        from omniforge.data.media_writers import write_video
-
         rng = self.rng(split, "video_directions")
         records = []
         for i in range(n):
-            clip = scenes.crossing_clip(rng, split, float(rng.uniform(2, 4)), TILE, fps=4.0)
-            video = self.path(split, "videos", f"direction_{i:05d}.mp4")
-            write_video(video, clip.frames, fps=clip.fps, gop=8)
-            records.append(_qa("video_qa", "exact_match", f"<video>\n{clip.questions[0][0]}", clip.questions[0][1],
-                               videos=[self.rel(video)]))
+            clip = scenes.crossing_clip(rng, split, float(rng.uniform(2, 4)), TILE, CLIP_FPS)
+            video = self.clip_video(split, clip, f"direction_{i:05d}.mp4")
+            question, answer = clip.questions[0]
+            records.append(_qa("video_qa", "exact_match", f"<video>\n{question}", answer, videos=[video]))
         return records
 
     # ------------------------------------------------------------------ speech
