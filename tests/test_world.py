@@ -20,7 +20,7 @@ SMALL = WorldSize(caption=4, image_qa=6, ocr=3, hires=3, video_qa=4, video_direc
 
 def digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in (".jsonl", ".png", ".flac", ".json")}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in (".jsonl", ".png", ".flac", ".mp4", ".json")}
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,8 @@ def write_video(path: str | Path, frames, fps: float = 25.0, audio: np.ndarray |
         stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
         if codec != "gif":
             stream.codec_context.gop_size = gop
+        if codec == "libx264":  # x264's macroblock tree made the same frames encode to different bytes
+            stream.options = {"x264-params": "mbtree=0"}
         stream.time_base = time_base
         audio_stream = None
         if audio is not None:
