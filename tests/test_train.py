@@ -253,6 +253,29 @@ def test_training_evals_skip_and_report_bad_records(tiny, dataset):
         Evaluator([EvalSpec("probe", str(evals))], processor, warn=said.append)
 
 
+def test_training_evals_score_greedy_answers_by_their_metric(tiny, dataset, monkeypatch):
+    import omniforge.train.evaluate as evaluate
+    from omniforge.eval.metrics import bleu_chrf
+
+    model, processor = tiny
+    specs = [EvalSpec(metric, str(dataset), metric=metric, limit=4) for metric in ("exact_match", "wer", "bleu")]
+    evaluator = Evaluator(specs, processor)
+    answers = evaluator.sets[0][2]
+
+    answered = ["wrong"] + answers[1:]  # the first of four answers replaced
+
+    def greedy(model, processor, prompts, config):  # stands in for greedy decoding
+        assert len(prompts) == len(answers)
+        return answered
+
+    monkeypatch.setattr(evaluate, "generate_texts", greedy)
+    scores = evaluator.run(model)
+    words = [len(a.split()) for a in answers]
+    assert scores["exact_match"] == pytest.approx(3 / 4)
+    assert scores["wer"] == pytest.approx(100 * words[0] / sum(words))  # "wrong" for k words: k edits
+    assert scores["bleu"] == pytest.approx(bleu_chrf(answered, answers)["bleu"])
+
+
 def test_data_where_every_sample_fails_raises_instead_of_looping(tiny, dataset, tmp_path):
     _, processor = tiny
     bad = tmp_path / "all_bad.jsonl"

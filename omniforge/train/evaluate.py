@@ -6,7 +6,7 @@ import torch
 
 from omniforge.data.dataset import JsonlConversations
 from omniforge.errors import DataError, OmniforgeError
-from omniforge.eval.metrics import normalize_answer
+from omniforge.eval.metrics import bleu_chrf, normalize_answer, wer
 from omniforge.eval.runner import generate_texts
 from omniforge.model.generate import GenerationConfig
 from omniforge.processing.chat import ConversationError, OmniProcessor, record_media
@@ -16,7 +16,7 @@ BATCH = 16
 
 
 class Evaluator:
-    """Scores a model on each `EvalSpec`: exact match of greedy answers, or answer loss."""
+    """Scores a model on each `EvalSpec`: its greedy answers (exact match, WER or BLEU), or answer loss."""
 
     def __init__(self, specs: list[EvalSpec], processor: OmniProcessor, warn=print):
         self.processor = processor
@@ -50,18 +50,22 @@ class Evaluator:
         model.eval()
         scores = {}
         for spec, prompts, answers, full in self.sets:
-            scores[spec.name] = self._loss(model, full) if spec.metric == "loss" else self._exact(model, prompts, answers)
+            scores[spec.name] = (self._loss(model, full) if spec.metric == "loss"
+                                 else self._generated(model, prompts, answers, spec.metric))
         model.train(was_training)
         return scores
 
-    def _exact(self, model, prompts, answers) -> float:
+    def _generated(self, model, prompts, answers, metric: str) -> float:
         longest = max(len(self.processor.tokenizer(a).input_ids) for a in answers)
         config = GenerationConfig(max_new_tokens=longest + 4)
-        right = 0
+        texts = []
         for start in range(0, len(prompts), BATCH):
-            texts = generate_texts(model, self.processor, prompts[start:start + BATCH], config)
-            right += sum(normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers[start:start + BATCH]))
-        return right / len(prompts)
+            texts += generate_texts(model, self.processor, prompts[start:start + BATCH], config)
+        if metric == "wer":
+            return wer(texts, answers)
+        if metric == "bleu":
+            return bleu_chrf(texts, answers)["bleu"]
+        return sum(normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers)) / len(prompts)
 
     def _loss(self, model, samples) -> float:
         total, count = 0.0, 0

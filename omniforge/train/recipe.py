@@ -63,8 +63,9 @@ class EvalSpec:
     """Shown in logs, e.g. `image_qa`."""
     path: str
     """JSONL conversations; the last assistant turn is the reference answer."""
-    metric: Literal["loss", "exact_match"] = "exact_match"
-    """`loss`: teacher-forced loss on the answers; `exact_match`: greedy answers, normalised."""
+    metric: Literal["loss", "exact_match", "wer", "bleu"] = "exact_match"
+    """`loss`: teacher-forced loss on the answers; the others score greedy answers: `exact_match`
+    (fraction right, normalised), `wer` (word error rate, %), `bleu` (corpus BLEU)."""
     limit: int = 64
     """Most samples evaluated (the first ones in the file)."""
 
