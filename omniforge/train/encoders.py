@@ -260,7 +260,6 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
     from transformers import AutoTokenizer
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from omniforge.eval.metrics import wer
     from omniforge.model.audio import AudioEncoder, save_ctc_head
     from omniforge.model.loading import hf_config
 
@@ -268,29 +267,21 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
     audio = AudioEncoder(WhisperEncoder(hf_config(None, spec.arch, "audio")), trim_seconds=spec.trim_seconds)
     encoder = audio.encoder
     tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer", local_files_only=True)
-    train, val = _utterances(world / "train" / "asr.jsonl", audio, tokenizer, log), \
-        _utterances(world / "val" / "asr.jsonl", audio, tokenizer, log)
+    train, val = transcribed_utterances(world / "train" / "asr.jsonl", audio, tokenizer, log), \
+        transcribed_utterances(world / "val" / "asr.jsonl", audio, tokenizer, log)
     blank = len(tokenizer)
     head = nn.Linear(encoder.config.d_model, blank + 1)
     rng = np.random.default_rng(recipe.seed)
 
-    def log_probs(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        valid = torch.tensor([u.valid_frames for u in batch])
-        hidden = audio.encode(torch.stack([u.features for u in batch]), valid)
-        return head(hidden).log_softmax(-1), valid // ENCODER_STRIDE
-
     def step() -> torch.Tensor:
         batch = [train[i] for i in rng.integers(len(train), size=spec.batch_size)]
-        scores, lengths = log_probs(batch)
+        scores, lengths = _ctc_log_probs(audio, head, batch)
         targets = torch.cat([torch.tensor(u.ids) for u in batch])
         return F.ctc_loss(scores.transpose(0, 1), targets, lengths, torch.tensor([len(u.ids) for u in batch]),
                           blank=blank, zero_infinity=True)
 
     _fit(encoder, head, recipe, spec.lr, max(1, round(spec.steps * scale)), step, "audio", log)
-    with torch.no_grad():
-        scores, lengths = log_probs(val)
-    hypotheses = [tokenizer.decode(_ctc_greedy(s[:n], blank)) for s, n in zip(scores, lengths.tolist())]
-    result = {"ctc_wer": round(wer(hypotheses, [u.text for u in val]), 1)}
+    result = {"ctc_wer": round(ctc_wer(audio, head, val, tokenizer), 1)}
     log(f"  audio stand-in, greedy CTC on {len(val)} validation utterances: {result['ctc_wer']} % WER")
     encoder.config.pretrained_trim_seconds = spec.trim_seconds  # AudioEncoder.from_config checks the model's
     encoder.save_pretrained(out)
@@ -298,8 +289,28 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
     return result
 
 
+def _ctc_log_probs(audio, head, utterances: list[Utterance]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, frames, classes) log-probabilities of `head` over the encoded utterances, and (N,) their
+    lengths in encoder frames (the CTC input lengths)."""
+    valid = torch.tensor([u.valid_frames for u in utterances])
+    hidden = audio.encode(torch.stack([u.features for u in utterances]), valid)
+    return head(hidden).log_softmax(-1), valid // ENCODER_STRIDE
+
+
+@torch.no_grad()
+def ctc_wer(audio, head, utterances: list[Utterance], tokenizer) -> float:
+    """Corpus WER (%) of greedy CTC decoding through `head` (hidden -> vocabulary + blank, the
+    blank last) on transcribed utterances (`transcribed_utterances`)."""
+    from omniforge.eval.metrics import wer
+
+    scores, lengths = _ctc_log_probs(audio, head, utterances)
+    blank = scores.shape[-1] - 1
+    hypotheses = [tokenizer.decode(_ctc_greedy(s[:n], blank)) for s, n in zip(scores, lengths.tolist())]
+    return wer(hypotheses, [u.text for u in utterances])
+
+
 @dataclass
-class _Utterance:
+class Utterance:
     features: torch.Tensor
     """(n_mels, window_frames) log-mel of the one window the utterance fits in."""
     valid_frames: int
@@ -308,7 +319,7 @@ class _Utterance:
     text: str
 
 
-def _utterances(file: Path, audio, tokenizer, log) -> list[_Utterance]:
+def transcribed_utterances(file: Path, audio, tokenizer, log) -> list[Utterance]:
     """Transcribed utterances of an ASR file; longer than one encoder window: skipped and counted."""
     from omniforge.processing.audio import AudioProcessor, load_audio
 
@@ -322,7 +333,7 @@ def _utterances(file: Path, audio, tokenizer, log) -> list[_Utterance]:
         if len(features.valid_frames) > 1:
             skipped += 1
             continue
-        found.append(_Utterance(features.features[0], int(features.valid_frames[0]),
+        found.append(Utterance(features.features[0], int(features.valid_frames[0]),
                                 tokenizer(text)["input_ids"], text))
     if skipped:
         log(f"  {file}: {skipped} utterances longer than one {window // 100}-s window skipped")
