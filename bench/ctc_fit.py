@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from omniforge.model.omni import OmniModel  # noqa: E402
 from omniforge.train.encoders import ctc_wer, transcribed_utterances  # noqa: E402
@@ -35,13 +34,10 @@ def main() -> None:
     if audio is None or audio.ctc_weight is None:
         sys.exit(f"{args.checkpoint}: no audio tower with a CTC head (audio.ctc_posteriors is off)")
 
-    def head(hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, audio.ctc_weight, audio.ctc_bias)
-
     print(f"{args.checkpoint}: greedy CTC through the tower's own head\n\n| split | utterances | WER |\n|---|---|---|")
     for split in args.splits.split(","):
         utterances = transcribed_utterances(args.world / split / "asr.jsonl", audio, model.tokenizer, print)
-        print(f"| {split} | {len(utterances)} | {ctc_wer(audio, head, utterances, model.tokenizer):.1f} % |")
+        print(f"| {split} | {len(utterances)} | {ctc_wer(audio, audio.ctc_logits, utterances, model.tokenizer):.1f} % |")
 
 
 if __name__ == "__main__":

@@ -86,19 +86,24 @@ class AudioEncoder(nn.Module):
             hidden[rows, : length // ENCODER_STRIDE] = _whisper_encoder_forward(self.encoder, features[rows, :, :length])
         return hidden
 
+    def ctc_logits(self, frames: torch.Tensor) -> torch.Tensor:
+        """(..., D) encoder frames -> (..., V + 1) logits of the CTC head the tower was pretrained
+        with (the blank last)."""
+        if self.ctc_weight is None:
+            raise ValueError("AudioEncoder: no CTC head (audio.ctc_posteriors is off)")
+        return nn.functional.linear(frames, self.ctc_weight, self.ctc_bias)
+
     def ctc_embeddings(self, tokens: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """tokens: (N, stack·D) from `forward`; embeddings: (V', H) the LLM's input embeddings,
         V' >= the CTC vocabulary. -> (N, H): per token, the sum over its frames of
         p(token | frame) · embedding, blank left out (a frame of silence adds nothing)."""
-        if self.ctc_weight is None:
-            raise ValueError("AudioEncoder.ctc_embeddings: no CTC head (audio.ctc_posteriors is off)")
-        blank = len(self.ctc_weight) - 1
+        frames = tokens.view(len(tokens), self.geometry.stack, -1)  # (N, stack, D)
+        probs = self.ctc_logits(frames).softmax(-1)  # (N, stack, V + 1)
+        blank = probs.shape[-1] - 1
         if len(embeddings) < blank:
             raise ValueError(f"AudioEncoder.ctc_embeddings: the CTC head reads {blank} tokens, the LLM embeds only "
                              f"{len(embeddings)}: the head must be trained over the LLM's tokenizer")
-        frames = tokens.view(len(tokens), self.geometry.stack, -1)  # (N, stack, D)
-        probs = nn.functional.linear(frames, self.ctc_weight, self.ctc_bias).softmax(-1)[..., :blank]  # (N, stack, V)
-        return (probs @ embeddings[:blank].to(probs.dtype)).sum(1)
+        return (probs[..., :blank] @ embeddings[:blank].to(probs.dtype)).sum(1)
 
 
 def _whisper_encoder_forward(encoder: nn.Module, features: torch.Tensor) -> torch.Tensor:
