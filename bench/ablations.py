@@ -100,20 +100,22 @@ def main() -> None:
     args = parser.parse_args()
     stages, results = args.demo / "train" / "stages", {}
     only = set(args.only.split(","))
+    names = [s.name for s in load_recipe(RECIPE).stages]
+    audio, visual = names.index("2_audio_alignment"), names.index("1b_visual_fine_grained")  # for stages.N.* overrides
 
     if "a" in only:
         before = score(OmniModel.from_pretrained(stages / "1c_high_resolution"), args.demo / "world", "image_qa",
                        args.out / "a_before_eval")
         frozen = trained_accuracy(args, "a_frozen", "2_audio_alignment", [])
         unfrozen = trained_accuracy(args, "a_unfrozen", "2_audio_alignment",
-                                    ["stages.4.components.llm=full", "stages.4.components.vision_tower=full",
-                                     "stages.4.components.vision_adapter=full"])
+                                    [f"stages.{audio}.components.{part}=full"
+                                     for part in ("llm", "vision_tower", "vision_adapter")])
         results["a"] = {"image_qa_before": before["exact_match"], "frozen": frozen, "unfrozen": unfrozen}
         print(f"(a) image QA before stage 2 {before['exact_match']:.1f}%, after it with LLM+vision frozen "
               f"{spread(frozen)}, with them trained {spread(unfrozen)}")
     for key, name, variants in (("b", "pooling", {"2x2 (16 tokens/tile)": [], "none (64 tokens/tile)": ["model.vision.pool=1"]}),
-                                ("c", "packing", {"packed 2048": [], "padded": ["stages.2.batch_tokens=null",
-                                                                                "stages.2.batch_size=26"]})):
+                                ("c", "packing", {"packed 2048": [], "padded": [f"stages.{visual}.batch_tokens=null",
+                                                                                f"stages.{visual}.batch_size=26"]})):
         if key not in only:
             continue
         results[key] = {}

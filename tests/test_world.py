@@ -14,7 +14,7 @@ from omniforge.data.synthetic.world import WorldSize, synthesize_world
 from omniforge.errors import ConfigError
 from omniforge.eval.readers import TaskSpec, load_tasks
 
-SMALL = WorldSize(caption=4, image_qa=6, ocr=3, hires=3, video_qa=4, video_directions=8, asr=5, translation=3,
+SMALL = WorldSize(caption=4, image_qa=6, image_lookups=4, ocr=3, hires=3, video_qa=4, video_directions=8, asr=5, translation=3,
                   spoken_qa=4, background=4, text_qa=4, text_lm=6, eval_size=4)
 
 
@@ -40,7 +40,7 @@ def test_every_split_has_its_tasks_in_the_training_format(world):
         names = {p.stem for p in (world / split).glob("*.jsonl")}
         assert {"image_qa", "ocr", "hires", "video_qa", "asr", "translation", "spoken_qa", "background",
                 "text_qa"} <= names
-    assert {"caption", "text_lm", "video_directions"} <= {p.stem for p in (world / "train").glob("*.jsonl")}
+    assert {"caption", "image_lookups", "text_lm", "video_directions"} <= {p.stem for p in (world / "train").glob("*.jsonl")}
     for file in (world / "test").glob("*.jsonl"):
         for line in file.read_text().splitlines():
             record = json.loads(line)
@@ -113,6 +113,20 @@ def test_world_tokenizer_loads_through_the_normal_path(world):
     tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
     ids = tokenizer("what colour is the circle").input_ids
     assert len(ids) <= 6 and tokenizer.decode(ids) == "what colour is the circle"
+    # the chat template's role names are one token each, as in a real LLM's vocabulary
+    assert all(len(tokenizer(role).input_ids) == 1 for role in ("system", "user", "assistant"))
+
+
+def test_lookup_records_ask_the_colour_and_shape_of_every_shape_once(world):
+    for line in (world / "train" / "image_lookups.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        turns = [(q["content"].removeprefix("<image>\n"), a["content"])
+                 for q, a in zip(record["messages"][::2], record["messages"][1::2])]
+        assert record["messages"][0]["content"].startswith("<image>\n") and len(record["images"]) == 1
+        colour_of = {q.split()[-1].rstrip("?"): a for q, a in turns if q.startswith("What colour is the ")}
+        shape_of = {q.split()[-1].rstrip("?"): a for q, a in turns if q.startswith("What shape is ")}
+        assert len(turns) == 2 * len(colour_of) and 2 <= len(colour_of) <= 3  # each question once
+        assert shape_of == {colour: shape for shape, colour in colour_of.items()}
 
 
 def test_test_split_is_an_eval_task_set_with_spoken_text_pairs(world):
@@ -143,8 +157,8 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     stages = [r["stage"] for r in report["stages"]]
-    assert stages == ["0_text_warmup", "1a_visual_alignment", "1b_visual_fine_grained", "1c_high_resolution",
-                      "2_audio_alignment", "3_cross_modal"]
+    assert stages == ["0_text_warmup", "1a_visual_alignment", "1b_attribute_lookups", "1b_visual_fine_grained",
+                      "1c_high_resolution", "2_audio_alignment", "3_cross_modal"]
     final = report["stages"][-1]["scores"]
     assert {"image_qa", "video_qa", "asr", "translation", "background", "consistency", "text_qa"} <= set(final)
     assert 0 <= final["asr"]["wer"] and 0 <= final["image_qa"]["exact_match"] <= 100

@@ -5,7 +5,8 @@
     DIR/tokenizer/                        a BPE tokenizer trained on the world's text (HF format)
     DIR/world.json                        sizes, voices, held-out combinations, seed
 
-Tasks: caption, image_qa, ocr, hires (small details that need tiling), video_qa,
+Tasks: caption, image_qa, image_lookups (the colour and shape of every shape of a scene, training only),
+ocr, hires (small details that need tiling), video_qa,
 video_directions (short clips of one shape crossing the frame, "which way?", training only),
 asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud; the
 test split pairs each with its text twin), background (talk not meant for the assistant:
@@ -52,6 +53,7 @@ class WorldSize:
 
     caption: int = 1200
     image_qa: int = 2400
+    image_lookups: int = 3000
     ocr: int = 700
     hires: int = 500
     video_qa: int = 900
@@ -66,7 +68,7 @@ class WorldSize:
 
     @classmethod
     def quick(cls) -> "WorldSize":
-        return cls(caption=200, image_qa=400, ocr=120, hires=80, video_qa=150, video_directions=150, asr=350,
+        return cls(caption=200, image_qa=400, image_lookups=300, ocr=120, hires=80, video_qa=150, video_directions=150, asr=350,
                    translation=120, spoken_qa=200, background=100, text_qa=150, text_lm=500, eval_size=40)
 
 
@@ -95,6 +97,7 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
         tasks = {
             "caption": builder.captions(split, n("caption")) if split == "train" else [],
             "image_qa": builder.image_qa(split, n("image_qa")),
+            "image_lookups": builder.image_lookups(split, n("image_lookups")) if split == "train" else [],
             "ocr": builder.ocr(split, n("ocr")),
             "hires": builder.hires(split, n("hires")),
             "video_qa": builder.video_qa(split, n("video_qa")),
@@ -135,9 +138,10 @@ class _Builder:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / name
 
-    def scene_image(self, split: str, rng: np.random.Generator, name: str) -> tuple[list[scenes.Shape], str]:
-        """A rendered scene of 1-3 shapes, saved; its shapes and the path the JSONL names."""
-        shapes = scenes.scene(rng, split, int(rng.integers(1, 4)))
+    def scene_image(self, split: str, rng: np.random.Generator, name: str,
+                    fewest: int = 1) -> tuple[list[scenes.Shape], str]:
+        """A rendered scene of `fewest`-3 shapes, saved; its shapes and the path the JSONL names."""
+        shapes = scenes.scene(rng, split, int(rng.integers(fewest, 4)))
         image = self.path(split, "scenes", name)
         scenes.render(shapes, TILE, TILE, rng).save(image)
         return shapes, self.rel(image)
@@ -174,11 +178,22 @@ class _Builder:
             shapes, image = self.scene_image(split, rng, f"qa_{i:05d}.png")
             turns = int(rng.integers(2, 4)) if split == "train" else 1
             questions = dict(scene_question(shapes, rng) for _ in range(turns))
-            messages = []
-            for j, (question, answer) in enumerate(questions.items()):
-                messages += [{"role": "user", "content": ("<image>\n" if j == 0 else "") + question},
-                             {"role": "assistant", "content": answer}]
-            records.append(Record("image_qa", "exact_match", messages, images=[image]))
+            records.append(Record("image_qa", "exact_match", _turns("<image>", questions.items()), images=[image]))
+        return records
+
+    def image_lookups(self, split: str, n: int) -> list[Record]:
+        """Every lookup of one scene of two or three shapes ("What colour is the <shape>?" and "What
+        shape is <colour>?" for each shape), in random order. The same image asked about each of its
+        shapes is what makes the LLM use the question word: in a drill, lookups reached 97 % after
+        300 steps of 32 such records, against 61 % with one question a sample, and 36 % after 200
+        steps with "Is the <shape> big or small?" asked too (session 11)."""
+        rng = self.rng(split, "image_lookups")
+        records = []
+        for i in range(n):
+            shapes, image = self.scene_image(split, rng, f"lookups_{i:05d}.png", fewest=2)
+            lookups = [lookup_question(shape, by_colour) for shape in shapes for by_colour in (False, True)]
+            turns = _turns("<image>", [lookups[j] for j in rng.permutation(len(lookups))])
+            records.append(Record("image_lookups", "exact_match", turns, images=[image]))
         return records
 
     def ocr(self, split: str, n: int) -> list[Record]:
@@ -214,11 +229,7 @@ class _Builder:
             clip = scenes.moving_clip(rng, split, seconds, TILE, CLIP_FPS)
             video = self.clip_video(split, clip, f"clip_{i:05d}.mp4")
             questions = clip.questions if split == "train" else clip.questions[:1]
-            messages = []
-            for j, (question, answer) in enumerate(questions):
-                messages += [{"role": "user", "content": ("<video>\n" if j == 0 else "") + question},
-                             {"role": "assistant", "content": answer}]
-            records.append(Record("video_qa", "exact_match", messages, videos=[video]))
+            records.append(Record("video_qa", "exact_match", _turns("<video>", questions), videos=[video]))
         return records
 
     def video_directions(self, split: str, n: int) -> list[Record]:
@@ -394,6 +405,16 @@ def size_question(shape: scenes.Shape) -> tuple[str, str]:
     return f"Is the {shape.kind} big or small?", "big" if shape.big else "small"
 
 
+def _turns(placeholder: str, questions) -> list[dict]:
+    """A conversation asking `questions` ((question, answer) pairs) in order about one image or
+    clip, whose placeholder opens the first question."""
+    messages = []
+    for question, answer in questions:
+        messages += [{"role": "user", "content": (f"{placeholder}\n" if not messages else "") + question},
+                     {"role": "assistant", "content": answer}]
+    return messages
+
+
 def _qa(task: str, metric: str, question: str, answer: str, **kw) -> Record:
     return Record(task, metric, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], **kw)
 
@@ -408,7 +429,10 @@ def train_tokenizer(out: Path, vocab_size: int = 512) -> Path:
     texts = []
     for file in sorted(out.glob("*/*.jsonl")):
         for line in file.read_text().splitlines():
-            texts += [m["content"] for m in json.loads(line)["messages"]]
+            messages = json.loads(line)["messages"]
+            # the chat template's role names as often as conversations show them, so that each is one
+            # token ("assistant" was 7): 11 tokens fewer a one-turn sample, 7 for each further turn
+            texts += [m["content"] for m in messages] + [m["role"] for m in messages] + ["system"]
     texts += list(COLOURS) + list(SHAPES) + list(NUMBERS) + list(WORDS)
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
