@@ -7,7 +7,9 @@ what a model that sees which attributes are present but not which object has whi
 
 The demo's test split asks about 15 questions of each kind; this asks ~900, so the lookups'
 state shows clearly (BENCHMARKS.md, session 8). Size is split by whether the scene's shapes
-share a size: when they do, the answer needs no binding.
+share a size: when they do, the answer needs no binding. On the test split, the colour and shape
+lookups of objects in a held-out (colour, shape) pair, never seen in training, get rows of their own
+(the first two rows then count the training pairs only).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from omniforge.eval.runner import evaluate  # noqa: E402
 from omniforge.model.omni import OmniModel  # noqa: E402
 
 KINDS = {"colour": ("What colour is the <shape>?", (50, 33)), "shape": ("What shape is <colour>?", (50, 33)),
+         "colour, held-out pair": ("What colour is the <shape>? (a held-out pair's object)", (50, 33)),
+         "shape, held-out pair": ("What shape is <colour>? (a held-out pair's object)", (50, 33)),
          "size, sizes differ": ("Is the <shape> big or small? (sizes differ)", (50, 50)),
          "size, one size": ("Is the <shape> big or small? (one size)", (100, 100))}
 """Per kind of question: its row label, and the accuracy (2 / 3 shapes) of answering with any
@@ -38,11 +42,15 @@ attribute present, the asked object's or not."""
 
 
 def questions(shapes: list[scenes.Shape]) -> list[tuple[str, str, str]]:
-    """(kind, question, answer): the three lookups of every shape of a scene."""
+    """(kind, question, answer): the three lookups of every shape of a scene; the colour and
+    shape lookups of a held-out pair's object (test split only) are kinds of their own."""
     sizes = "size, one size" if len({s.big for s in shapes}) == 1 else "size, sizes differ"
-    return [item for shape in shapes for item in (("colour", *lookup_question(shape, by_colour=False)),
-                                                  ("shape", *lookup_question(shape, by_colour=True)),
-                                                  (sizes, *size_question(shape)))]
+    items = []
+    for shape in shapes:
+        held_out = ", held-out pair" if (shape.colour, shape.kind) in scenes.HELD_OUT else ""
+        items += [(f"colour{held_out}", *lookup_question(shape, by_colour=False)),
+                  (f"shape{held_out}", *lookup_question(shape, by_colour=True)), (sizes, *size_question(shape))]
+    return items
 
 
 def main() -> None:
