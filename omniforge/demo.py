@@ -125,15 +125,22 @@ def format_table(rows: list[dict]) -> str:
 
 def by_question(predictions: Path, source: Path) -> dict[str, dict]:
     """Accuracy of one task's predictions per kind of question: the question with its colour and
-    shape words masked ("What colour is the <shape>?"), so that a weak skill shows by name."""
-    from omniforge.data.synthetic.scenes import COLOURS, SHAPES
+    shape words masked ("What colour is the <shape>?"), so that a weak skill shows by name; a
+    question whose words and answer name a held-out (colour, shape) pair, one the training data
+    never shows, is a kind of its own ("What colour is the <shape>? (held-out pair)")."""
+    from omniforge.data.synthetic.scenes import COLOURS, HELD_OUT, SHAPES
 
     masks = {**{c: "<colour>" for c in COLOURS}, **{k: "<shape>" for k in SHAPES}}
     records = [json.loads(line) for line in source.read_text().splitlines()]
     groups: dict[str, list[int]] = {}
     for record, line in zip(records, predictions.read_text().splitlines()):
         question = [m["content"] for m in record["messages"] if m["role"] == "user"][-1].split("\n")[-1]
-        template = " ".join(masks.get(word, word) for word in question.rstrip("?").split()) + "?"
+        words = question.rstrip("?").split()
+        template = " ".join(masks.get(word, word) for word in words) + "?"
+        named = words + record["messages"][-1]["content"].split()
+        colours, kinds = [w for w in named if w in COLOURS], [w for w in named if w in SHAPES]
+        if len(colours) == len(kinds) == 1 and (colours[0], kinds[0]) in HELD_OUT:
+            template += " (held-out pair)"
         groups.setdefault(template, []).append(int(bool(json.loads(line).get("correct"))))
     return {t: {"accuracy": 100 * sum(v) / len(v), "questions": len(v)} for t, v in sorted(groups.items())}
 

@@ -151,6 +151,24 @@ def test_big_and_small_are_told_apart_by_pixels_whatever_the_shape_count():
         assert min(areas[kind, False]) > 60, kind  # and a small shape still spans a few 8-px patches
 
 
+def test_demo_breakdown_gives_held_out_pairs_a_kind_of_their_own(tmp_path):
+    from omniforge.demo import by_question
+
+    asked = [("What shape is yellow?", "circle", True), ("What shape is yellow?", "square", False),  # yellow circle: held out
+             ("What colour is the circle?", "red", True), ("What is on the left?", "orange square", False),
+             ("How many shapes are there?", "two", True)]
+    source, predictions = tmp_path / "image_qa.jsonl", tmp_path / "predictions.jsonl"
+    source.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"<image>\n{q}"},
+                                                       {"role": "assistant", "content": a}]}) + "\n" for q, a, _ in asked))
+    predictions.write_text("".join(json.dumps({"correct": right}) + "\n" for *_, right in asked))
+    assert by_question(predictions, source) == {
+        "How many shapes are there?": {"accuracy": 100.0, "questions": 1},
+        "What colour is the <shape>?": {"accuracy": 100.0, "questions": 1},
+        "What is on the left? (held-out pair)": {"accuracy": 0.0, "questions": 1},
+        "What shape is <colour>?": {"accuracy": 0.0, "questions": 1},
+        "What shape is <colour>? (held-out pair)": {"accuracy": 100.0, "questions": 1}}
+
+
 def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     result = subprocess.run([sys.executable, "-m", "omniforge.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
                             capture_output=True, text=True, timeout=600)
