@@ -56,6 +56,7 @@ def test_test_split_holds_out_voices_rates_and_combinations():
     assert all(v.rate in speech.TEST_RATES for v in test) and all(v.rate in speech.TRAIN_RATES for v in train)
     assert all(p not in scenes.pairs("train") for p in scenes.HELD_OUT)
     assert all(p in scenes.pairs("test") for p in scenes.HELD_OUT)
+    assert set(scenes.pairs("held_out")) == scenes.HELD_OUT  # what the stand-in tower is also scored on
 
 
 def test_videos_cover_all_three_sampling_regimes(world):
@@ -218,6 +219,27 @@ def test_vision_pretraining_labels_match_the_rendered_pixels():
         assert mirrored == drawn  # distinct colours: "what shape is red?" has one answer
     assert checked > 20
 
+
+
+def test_recoloured_pretraining_scenes_label_shape_but_not_colour():
+    from omniforge.train.encoders import _SceneSampler, load_encoder_recipe
+
+    spec = load_encoder_recipe().vision
+    sampler = _SceneSampler(spec, grid=4, seed=0, recolour_fraction=1.0)
+    named = np.array(list(scenes.COLOURS.values()))
+    scenes_seen = 0
+    for _ in range(30):
+        image, labels = sampler.sample()
+        if labels["word"]:
+            continue
+        scenes_seen += 1
+        shape_pixels = np.abs(np.asarray(image).astype(int) - scenes.BACKGROUND).max(-1) > 40
+        rgb = np.asarray(image)[shape_pixels].astype(int)
+        assert not (np.abs(rgb[:, None] - named[None]).sum(-1) == 0).any()  # none of the world's colours
+        assert {-100} == set(labels["cell_colour"]) == set(labels["colour_of"]) == set(labels["kind_of"])
+        assert labels["leftmost_colour"] == -100
+        assert any(k > 0 for k in labels["cell_kind"]) and 1 <= labels["count"] <= 3
+    assert scenes_seen > 15
 
 def test_encoder_pretraining_needs_a_world(tmp_path):
     from omniforge.train.encoders import pretrain_encoders

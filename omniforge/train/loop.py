@@ -92,7 +92,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
     wrapped = dist.wrap(model, settings.distributed)
     if state is not None:  # the checkpoint holds the weights of this stage's architecture (LoRA included)
         dist.load_model_state(model, torch.load(Path(state["folder"]) / "model.pt", weights_only=True))
-    optimizer = torch.optim.AdamW(param_groups(model, stage, settings.weight_decay), betas=(0.9, 0.95))
+    optimizer = adamw(param_groups(model, stage, settings.weight_decay), betas=(0.9, 0.95))
     mixture = open_mixture(stage.data, settings.seed)
     steps = stage.steps or _steps_for_epochs(stage, mixture, processor, dist.world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage.warmup_steps, steps,
@@ -212,6 +212,12 @@ def _prefetch_pays(device: torch.device) -> bool:
     prefetch thread made the micro recipe's stage-1b steps 655 ms, against 451 ms inline.)"""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return device.type != "cpu" or cores > torch.get_num_threads()
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with its fused kernel: one pass over all tensors, where the default loops over them
+    (on this CPU: the vision stand-in's step 51 -> 45 ms, the tiny LLM's 172 -> 167 ms)."""
+    return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
 def warmup_cosine(warmup: int, steps: int, floor: float) -> Callable[[int], float]:

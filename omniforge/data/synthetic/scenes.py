@@ -36,8 +36,11 @@ class Shape:
 
 
 def pairs(split: str) -> list[tuple[str, str]]:
-    """(colour, shape) pairs a split may draw: held-out ones only in test, the rest everywhere."""
+    """(colour, shape) pairs a split may draw: held-out ones only in test, the rest everywhere
+    ("held_out": the held-out pairs alone, to measure how a model does on them)."""
     every = [(c, s) for c in COLOURS for s in SHAPES]
+    if split == "held_out":
+        return [p for p in every if p in HELD_OUT]
     return every if split == "test" else [p for p in every if p not in HELD_OUT]
 
 
@@ -65,16 +68,25 @@ def draw_shape(draw, shape: Shape, width: int, height: int, fill=None) -> None:
         draw.polygon([(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=fill)
 
 
-def render(shapes: list[Shape], width: int, height: int, rng: np.random.Generator):
-    """An RGB PIL image of `shapes` on a lightly noisy background."""
+def random_fill(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Any RGB colour, not only the world's named ones, that stands out from the background."""
+    while True:
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if max(abs(a - b) for a, b in zip(fill, BACKGROUND)) >= 60:
+            return fill
+
+
+def render(shapes: list[Shape], width: int, height: int, rng: np.random.Generator, fills: list | None = None):
+    """An RGB PIL image of `shapes` on a lightly noisy background, each in its colour or in `fills`
+    (one RGB tuple per shape)."""
     from PIL import Image, ImageDraw
 
     noise = rng.integers(-8, 9, (height, width, 1))
     base = np.clip(np.array(BACKGROUND)[None, None, :] + noise, 0, 255).astype(np.uint8)
     image = Image.fromarray(base)
     draw = ImageDraw.Draw(image)
-    for shape in shapes:
-        draw_shape(draw, shape, width, height)
+    for i, shape in enumerate(shapes):
+        draw_shape(draw, shape, width, height, None if fills is None else fills[i])
     return image
 
 
