@@ -10,6 +10,7 @@ the whole image is appended when there is more than one tile.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
+@functools.lru_cache(maxsize=4096)  # called for every image and tile count; a handful of sizes recur
 def choose_grid(width: int, height: int, tile_size: int, min_tiles: int = 1, max_tiles: int = 9) -> tuple[int, int]:
     """(cols, rows) with min..max tiles whose aspect ratio is closest to width/height.
 
@@ -146,8 +148,8 @@ class ImageProcessor:
 
         cols, rows = self.grid(*image.size, max_tiles)
         t = self.tile_size
-        resized = image.resize((cols * t, rows * t), Image.Resampling.BICUBIC)
-        pixels = _chw(resized)  # (3, rows*t, cols*t)
+        size = (cols * t, rows * t)
+        pixels = _chw(image if image.size == size else image.resize(size, Image.Resampling.BICUBIC))  # (3, rows*t, cols*t)
         tiles = pixels.view(3, rows, t, cols, t).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, t, t)
         thumbnail = rows * cols > 1
         if thumbnail:
