@@ -12,9 +12,10 @@ training side only (training (colour, shape) pairs, training voices):
   per pooled token, the colour and shape under it (dense labels from a rendered label map);
   per image, the count, each shape's colour and size, each colour's shape, the leftmost shape
   and its colour, and the word (the facts a caption or a question about the image states).
-  Half of the scenes are drawn in random colours and labelled for all but colour, so that the
-  tower reads a shape whatever its colour: trained on the world's colours alone, it told the
-  shape of a held-out pair's object (a yellow circle) at chance, from colour-bound features.
+  A share of the scenes (`recolour_fraction`; half in `recipes/micro_encoders.yaml`) is drawn
+  in random colours and labelled for all but colour, so that the tower reads a shape whatever
+  its colour: trained on the world's colours alone, it told the shape of a held-out pair's
+  object (a yellow circle) at chance, from colour-bound features.
 - audio: CTC over the world's own tokenizer on the training ASR speech (`train/asr.jsonl`).
 
     omniforge encoders --world runs/world          # -> runs/world/encoders/{vision,audio}/
