@@ -3,7 +3,7 @@ shapes is asked its colour ("What colour is the <shape>?"), its shape ("What sha
 <colour>?") and its size ("Is the <shape> big or small?"); accuracy by shape count, next to
 what a model that sees which attributes are present but not which object has which would get.
 
-    python bench/lookups.py runs/demo/checkpoint [--scenes 120] [--split val] [--seed 1234]
+    python bench/lookups.py runs/demo/checkpoint [--scenes 120] [--split val] [--seed 1234] [--contrast 2]
 
 The demo's test split asks about 15 questions of each kind; this asks ~900, so the lookups'
 state shows clearly (BENCHMARKS.md, session 8). Size is split by whether the scene's shapes
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--split", default="val", choices=("train", "val", "test"),
                         help="which (colour, shape) pairs the scenes may use (test adds the held-out ones)")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--contrast", type=float, default=0.0, help="visual contrastive decoding's weight (0: off)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rng = np.random.default_rng(args.seed)
@@ -78,7 +79,7 @@ def main() -> None:
         (folder / "lookups.jsonl").write_text("\n".join(lines) + "\n")
         tasks = load_tasks(TaskSpec("lookups", "jsonl", folder / "lookups.jsonl"))
         evaluate(OmniModel.from_pretrained(args.checkpoint), tasks, folder / "eval", batch_size=32,
-                 max_new_tokens=8, progress=False)
+                 max_new_tokens=8, progress=False, contrast=args.contrast)
         verdicts = [json.loads(line)["correct"]
                     for line in (folder / "eval" / "predictions" / f"{tasks[0].name}.jsonl").read_text().splitlines()]
     right = defaultdict(list)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import make_batch
-from omniforge.model.generate import GenerationConfig, generate, sample, stream
+from omniforge.model.generate import GenerationConfig, contrasted, generate, sample, stream
 
 PROMPTS = [
     {"text": "Describe <image>", "images": [(32, 32)]},
@@ -106,3 +106,32 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     assert int(sample(logits, seen, GenerationConfig(repetition_penalty=1.2))) == 1
     negative = torch.tensor([[-1.0, -1.1]])  # a negative logit is multiplied, so it drops further
     assert int(sample(negative, torch.tensor([[0]]), GenerationConfig(repetition_penalty=1.5))) == 1
+
+
+def test_contrast_weighs_the_blank_picture_out_among_plausible_tokens():
+    with_pictures = torch.log(torch.tensor([[0.50, 0.30, 0.15, 0.05]]))
+    blank = torch.log(torch.tensor([[0.70, 0.10, 0.15, 0.05]]))
+    config = GenerationConfig(contrast=1.0, plausibility=0.2)
+    mixed = contrasted(with_pictures, blank, config)
+    # token 3 (p 0.05 < 0.2 x 0.5) may not be picked; of the rest, the blank picture made 0 likely
+    # and 1 unlikely, so the contrast picks 1: 2 log 0.3 - log 0.1 > 2 log 0.5 - log 0.7
+    assert torch.isinf(mixed[0, 3]) and mixed[0, :3].isfinite().all()
+    torch.testing.assert_close(mixed[0, :3], 2 * with_pictures[0, :3] - blank[0, :3])
+    assert mixed.argmax().item() == 1 and with_pictures.argmax().item() == 0
+
+
+def test_contrastive_decoding_decodes_against_a_blank_picture(omni_model):
+    image_prompt = inputs(omni_model, PROMPTS[:1])
+    with torch.no_grad():
+        seen = omni_model(**image_prompt).logits[:, -1]
+        blank = omni_model(**{**image_prompt, "pixel_values": torch.zeros_like(image_prompt["pixel_values"])}).logits[:, -1]
+    config = {"contrast": 2.0, "plausibility": 0.01}
+    first = run(omni_model, image_prompt, max_new_tokens=1, **config)[0].token_ids
+    expected = contrasted(seen, blank, GenerationConfig(**config)).argmax(-1).item()
+    assert first in ([expected], [])  # [] when the token picked is the end of the sequence
+    batch = inputs(omni_model)  # a picture in one row: the whole batch is decoded twice, in step
+    cached = run(omni_model, batch, max_new_tokens=10, use_cache=True, **config)
+    assert cached == run(omni_model, batch, max_new_tokens=10, use_cache=False, **config)
+    assert cached[1:] == [run(omni_model, inputs(omni_model, [p]), max_new_tokens=10)[0] for p in PROMPTS[1:]]
+    no_pictures = inputs(omni_model, PROMPTS[1:])  # nothing to contrast: plain decoding
+    assert run(omni_model, no_pictures, max_new_tokens=10, **config) == run(omni_model, no_pictures, max_new_tokens=10)

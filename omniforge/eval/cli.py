@@ -26,6 +26,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="answer budget for every task (default: by metric, 16 for a letter to 256 for a transcript)")
+    parser.add_argument("--contrast", type=float, default=0.0,
+                        help="visual contrastive decoding: weight of the blank-picture logits taken away (0: off)")
     parser.add_argument("--compare", type=Path, default=None, metavar="SCORES_JSON",
                         help="another run's scores.json: print the difference per metric")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     other = load_scores(args.compare) if args.compare else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = OmniModel.from_pretrained(args.checkpoint, args.overrides).to(device)
-    results = evaluate(model, tasks, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    results = evaluate(model, tasks, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       contrast=args.contrast)
     print(scores_markdown(results))
     if other is not None:
         print(compare_markdown(results, other))

@@ -55,8 +55,9 @@ class TaskScores:
 
 
 def evaluate(model, tasks: list[Task], out_dir: str | Path, batch_size: int = 8, max_new_tokens: int | None = None,
-             progress: bool = True) -> list[TaskScores]:
-    """Answer and score every task; write predictions, scores.json and scores.md under `out_dir`."""
+             progress: bool = True, contrast: float = 0.0) -> list[TaskScores]:
+    """Answer and score every task; write predictions, scores.json and scores.md under `out_dir`.
+    contrast: visual contrastive decoding's weight (`GenerationConfig.contrast`; 0: plain greedy)."""
     names = [task.name for task in tasks]
     if len(set(names)) < len(names):
         raise OmniforgeError(f"task names must differ (their predictions files would collide): {names}; "
@@ -69,7 +70,8 @@ def evaluate(model, tasks: list[Task], out_dir: str | Path, batch_size: int = 8,
     results, by_group = [], defaultdict(list)
     try:
         for task in tasks:
-            outcomes = predict(model, processor, task.items, batch_size, max_new_tokens, progress, desc=task.name)
+            outcomes = predict(model, processor, task.items, batch_size, max_new_tokens, progress, desc=task.name,
+                               contrast=contrast)
             write_predictions(out_dir / "predictions" / f"{task.name}.jsonl", outcomes)
             answered = [o for o in outcomes if isinstance(o, Prediction)]
             results.append(TaskScores(task.name, score(answered) if answered else {}, len(answered),
@@ -84,13 +86,14 @@ def evaluate(model, tasks: list[Task], out_dir: str | Path, batch_size: int = 8,
 
 
 def predict(model, processor: OmniProcessor, items: list[Sample | Skipped], batch_size: int = 8,
-            max_new_tokens: int | None = None, progress: bool = True, desc: str | None = None) -> list[Prediction | Skipped]:
+            max_new_tokens: int | None = None, progress: bool = True, desc: str | None = None,
+            contrast: float = 0.0) -> list[Prediction | Skipped]:
     """Greedy answers in batches, in item order; a sample whose media or messages fail to encode is skipped."""
     outcomes: list[Prediction | Skipped] = []
     shown = 0
     with tqdm(total=len(items), desc=desc, unit="sample", disable=not progress) as bar:
         for start in range(0, len(items), batch_size):
-            answered = _answer_batch(model, processor, items[start:start + batch_size], max_new_tokens)
+            answered = _answer_batch(model, processor, items[start:start + batch_size], max_new_tokens, contrast)
             for skip in (o for o in answered if isinstance(o, Skipped)):
                 if shown < SHOWN_SKIPS:
                     shown += 1
@@ -101,7 +104,7 @@ def predict(model, processor: OmniProcessor, items: list[Sample | Skipped], batc
 
 
 def _answer_batch(model, processor: OmniProcessor, chunk: list[Sample | Skipped],
-                  max_new_tokens: int | None) -> list[Prediction | Skipped]:
+                  max_new_tokens: int | None, contrast: float = 0.0) -> list[Prediction | Skipped]:
     """One batch, in order: each sample encoded (or skipped), the encoded ones answered together and judged."""
     slots: list[Prediction | Skipped] = list(chunk)
     ready = []
@@ -114,7 +117,8 @@ def _answer_batch(model, processor: OmniProcessor, chunk: list[Sample | Skipped]
                 slots[i] = Skipped(item.id, str(e))
     if ready:
         budget = max_new_tokens or max(MAX_NEW_TOKENS[chunk[i].metric] for i, _ in ready)
-        texts = generate_texts(model, processor, [e for _, e in ready], GenerationConfig(max_new_tokens=budget))
+        config = GenerationConfig(max_new_tokens=budget, contrast=contrast)
+        texts = generate_texts(model, processor, [e for _, e in ready], config)
         for (i, _), text in zip(ready, texts):
             slots[i] = Prediction(chunk[i], text, judge(chunk[i], text))
     return slots
