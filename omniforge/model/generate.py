@@ -87,7 +87,8 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     prompt_embeds = model.embed(input_ids, **media)
     contrast = config.contrast > 0 and any(media.get(k) is not None for k in PICTURES)
-    if contrast:  # the blank-picture copy of each sequence is decoded beside it, as rows B..2B-1
+    if contrast:  # a copy of each sequence with blank pictures (zeros: the tower's mean colour) is
+                  # decoded beside it, as rows B..2B-1
         blank = {k: torch.zeros_like(v) if k in PICTURES and v is not None else v for k, v in media.items()}
         prompt_embeds = torch.cat([prompt_embeds, model.embed(input_ids, **blank)])
         mask = mask.repeat(2, 1)
