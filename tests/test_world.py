@@ -220,7 +220,6 @@ def test_vision_pretraining_labels_match_the_rendered_pixels():
     assert checked > 20
 
 
-
 def test_recoloured_pretraining_scenes_label_shape_but_not_colour():
     from omniforge.train.encoders import _SceneSampler, load_encoder_recipe
 
@@ -240,6 +239,7 @@ def test_recoloured_pretraining_scenes_label_shape_but_not_colour():
         assert labels["leftmost_colour"] == -100
         assert any(k > 0 for k in labels["cell_kind"]) and 1 <= labels["count"] <= 3
     assert scenes_seen > 15
+
 
 def test_encoder_pretraining_needs_a_world(tmp_path):
     from omniforge.train.encoders import pretrain_encoders

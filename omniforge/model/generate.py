@@ -87,11 +87,12 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     prompt_embeds = model.embed(input_ids, **media)
     contrast = config.contrast > 0 and any(media.get(k) is not None for k in PICTURES)
+    copies = 2 if contrast else 1  # rows decoded per sequence
     if contrast:  # a copy of each sequence with blank pictures (zeros: the tower's mean colour) is
                   # decoded beside it, as rows B..2B-1
         blank = {k: torch.zeros_like(v) if k in PICTURES and v is not None else v for k, v in media.items()}
         prompt_embeds = torch.cat([prompt_embeds, model.embed(input_ids, **blank)])
-        mask = mask.repeat(2, 1)
+        mask = mask.repeat(copies, 1)
     llm, embed_tokens = model.llm, model.llm.get_input_embeddings()
     cache = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"  # 5.24 renamed it
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -122,12 +123,11 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-        step_ids = generated.repeat(2, 1) if contrast else generated
         if config.use_cache:
-            out = llm(input_ids=step_ids[:, -1:], attention_mask=mask, position_ids=positions,
+            out = llm(input_ids=token[:, None].repeat(copies, 1), attention_mask=mask, position_ids=positions,
                       use_cache=True, **{cache: getattr(out, cache)})
         else:
-            full = torch.cat([prompt_embeds, embed_tokens(step_ids)], dim=1)
+            full = torch.cat([prompt_embeds, embed_tokens(generated.repeat(copies, 1))], dim=1)
             out = llm(inputs_embeds=full, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                       use_cache=False)
     else:  # out of budget: release text held back as a possible start of a stop string
