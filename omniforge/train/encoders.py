@@ -174,12 +174,11 @@ class _SceneSampler:
             labels["size_of"][kind] = int(shape.big)
         side = t // self.grid
         owners = np.asarray(mask).reshape(self.grid, side, self.grid, side).transpose(0, 2, 1, 3).reshape(cells, -1)
-        for cell, pixels in enumerate(owners):
-            covered = np.bincount(pixels, minlength=len(shapes) + 1)[1:]
-            if covered.max() >= 0.05 * side * side:  # a shape covers at least 5 % of the cell
-                owner = shapes[int(covered.argmax())]
-                labels["cell_colour"][cell] = list(COLOURS).index(owner.colour) + 1
-                labels["cell_kind"][cell] = SHAPES.index(owner.kind) + 1
+        covered = (owners[:, :, None] == np.arange(1, len(shapes) + 1)).sum(1)  # (cells, shapes) pixels
+        for cell in np.flatnonzero(covered.max(1) >= 0.05 * side * side):  # a shape covers at least 5 % of the cell
+            owner = shapes[int(covered[cell].argmax())]
+            labels["cell_colour"][cell] = list(COLOURS).index(owner.colour) + 1
+            labels["cell_kind"][cell] = SHAPES.index(owner.kind) + 1
         leftmost = min(shapes, key=lambda s: s.x)
         labels["leftmost"], labels["leftmost_colour"] = SHAPES.index(leftmost.kind), list(COLOURS).index(leftmost.colour)
         if recoloured:  # none of the world's colours: nothing about colour is labelled

@@ -7,6 +7,7 @@ Everything is drawn with Pillow from a seeded generator, so a seed fixes every p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -117,18 +118,26 @@ WORD_JITTER = 1.0
 
 def word_image(word: str, width: int, height: int, rng: np.random.Generator, at: tuple[float, float] = (0.5, 0.5)):
     """`word` in dark ink centred near relative position `at`, in a size from `WORD_SIZES`."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     noise = rng.integers(-8, 9, (height, width, 1))
     image = Image.fromarray(np.clip(np.array(BACKGROUND)[None, None, :] + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=int(rng.integers(WORD_SIZES[0], WORD_SIZES[1] + 1)))
+    font = _font(int(rng.integers(WORD_SIZES[0], WORD_SIZES[1] + 1)))
     left, top, right, bottom = draw.textbbox((0, 0), word, font=font)
     x = at[0] * width - (right - left) / 2 + rng.uniform(-WORD_JITTER, WORD_JITTER)
     y = at[1] * height - (bottom - top) / 2 - top + rng.uniform(-WORD_JITTER, WORD_JITTER)
     ink = tuple(int(v) for v in rng.integers(0, 60, 3))
     draw.text((x, y), word, fill=ink, font=font)
     return image
+
+
+@lru_cache(maxsize=None)
+def _font(size: int):
+    """Pillow's bundled font at `size` px (loading it decodes the font file: a third of a word's rendering)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
 
 
 @dataclass
