@@ -5,7 +5,7 @@ train every stage of `recipes/tiny.yaml` -> after each stage, score
 every modality on the held-out test split -> a report folder (markdown, JSON, plots) with
 PocketSphinx's WER on the same ASR audio beside ours -> two example answers.
 
-    omniforge demo --out runs/demo            # 12-15 minutes on 2 cores
+    omniforge demo --out runs/demo            # about 15 minutes on 2 cores
     omniforge demo --out runs/demo --quick    # the same path, small world and few steps (~2 minutes)
 """
 
@@ -129,19 +129,23 @@ def by_question(predictions: Path, source: Path) -> dict[str, dict]:
     question whose words and answer name a held-out (colour, shape) pair, one the training data
     never shows, is a kind of its own ("What colour is the <shape>? (held-out pair)")."""
     from omniforge.data.synthetic.scenes import COLOURS, HELD_OUT, SHAPES
+    from omniforge.eval.readers import Sample, TaskSpec, load_tasks
 
     masks = {**{c: "<colour>" for c in COLOURS}, **{k: "<shape>" for k in SHAPES}}
-    records = [json.loads(line) for line in source.read_text().splitlines()]
+    samples = {s.id: s for s in load_tasks(TaskSpec("source", "jsonl", source))[0].items if isinstance(s, Sample)}
     groups: dict[str, list[int]] = {}
-    for record, line in zip(records, predictions.read_text().splitlines()):
-        question = [m["content"] for m in record["messages"] if m["role"] == "user"][-1].split("\n")[-1]
-        words = question.rstrip("?").split()
+    for line in predictions.read_text().splitlines():
+        prediction = json.loads(line)
+        if "skipped" in prediction:  # no answer to judge; the predictions file says why
+            continue
+        sample = samples[prediction["id"]]  # matched by the reader's id, as the predictions were made
+        words = sample.messages[-1]["content"].split("\n")[-1].rstrip("?").split()
         template = " ".join(masks.get(word, word) for word in words) + "?"
-        named = words + record["messages"][-1]["content"].split()
+        named = words + sample.reference.split()
         colours, kinds = [w for w in named if w in COLOURS], [w for w in named if w in SHAPES]
         if len(colours) == len(kinds) == 1 and (colours[0], kinds[0]) in HELD_OUT:
             template += " (held-out pair)"
-        groups.setdefault(template, []).append(int(bool(json.loads(line).get("correct"))))
+        groups.setdefault(template, []).append(int(bool(prediction["correct"])))
     return {t: {"accuracy": 100 * sum(v) / len(v), "questions": len(v)} for t, v in sorted(groups.items())}
 
 
@@ -162,7 +166,7 @@ def pocketsphinx_wer(asr_file: Path, limit: int) -> dict:
 
     if not available():
         return {"wer": None, "utterances": 0, "note": "pocketsphinx is not installed"}
-    records = [json.loads(line) for line in asr_file.read_text().splitlines()[:limit]]
+    records = [json.loads(line) for line in asr_file.read_text().splitlines() if line.strip()][:limit]
     hypotheses = [transcribe(load_audio(asr_file.parent / r["audios"][0])) for r in records]
     references = [r["messages"][-1]["content"] for r in records]
     return {"wer": wer(hypotheses, references), "utterances": len(records),

@@ -352,6 +352,13 @@ def test_scores_from_known_answers(tmp_path):
              answered(Sample("3", [], "", "background", extra={"addressed": False}), "  ")]
     assert score(mixed) == {"exact_match/exact_match": 100.0, "wer/wer": 50.0, "background/rejection": 100.0}
 
+    mat = "the cat sat on the mat"
+    translated = [answered(Sample("zh", [], "我喜欢猫", "bleu", extra={"language": "zh"}), "我喜欢狗"),
+                  answered(Sample("en", [], mat, "bleu", extra={"language": "en"}), mat)]
+    by_language = score(translated)  # each target language with its own tokenizer: Chinese by characters
+    assert set(by_language) == {"bleu/en", "chrf/en", "bleu/zh", "chrf/zh"}
+    assert by_language["bleu/en"] == pytest.approx(100) and 0 < by_language["bleu/zh"] < 100
+
 
 def test_evaluate_end_to_end_on_the_tiny_model(omni_model, tmp_path):
     specs = [f"mme={make_mme(tmp_path / 'MME')}", f"mmbench={make_mmbench(tmp_path / 'mmb.tsv')}",

@@ -132,9 +132,11 @@ def test_lookup_records_ask_the_colour_and_shape_of_every_shape_once(world):
 
 def test_test_split_is_an_eval_task_set_with_spoken_text_pairs(world):
     tasks = {t.name: t for t in load_tasks(TaskSpec("synth", "synth", world / "test"))}
-    assert "synth/spoken_qa" in tasks
-    pairs = [s.extra.get("pair_id") for s in tasks["synth/spoken_qa"].items]
-    assert all(pairs) and len(set(pairs)) * 2 == len(pairs)
+    spoken, written = tasks["synth/spoken_qa"].items, tasks["synth/spoken_qa_text"].items
+    assert all(s.media.get("audio") for s in spoken) and not any(s.media.get("audio") for s in written)
+    pairs = [s.extra["pair_id"] for s in spoken]
+    assert len(set(pairs)) == len(pairs) == len(spoken) and pairs == [s.extra["pair_id"] for s in written]
+    assert [s.reference for s in spoken] == [s.reference for s in written]
 
 
 def test_big_and_small_are_told_apart_by_pixels_whatever_the_shape_count():
@@ -159,9 +161,12 @@ def test_demo_breakdown_gives_held_out_pairs_a_kind_of_their_own(tmp_path):
              ("What colour is the circle?", "red", True), ("What is on the left?", "orange square", False),
              ("How many shapes are there?", "two", True)]
     source, predictions = tmp_path / "image_qa.jsonl", tmp_path / "predictions.jsonl"
-    source.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"<image>\n{q}"},
-                                                       {"role": "assistant", "content": a}]}) + "\n" for q, a, _ in asked))
-    predictions.write_text("".join(json.dumps({"correct": right}) + "\n" for *_, right in asked))
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}]})
+             for q, a, _ in asked]
+    source.write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")  # a blank line: the reader skips it
+    verdicts = [{"id": f"image_qa.jsonl[{i}]", "correct": right} for i, (*_, right) in enumerate(asked)]
+    verdicts.insert(1, {"id": "image_qa.jsonl[9]", "skipped": "its image did not load"})  # no answer: not counted
+    predictions.write_text("".join(json.dumps(v) + "\n" for v in verdicts))
     assert by_question(predictions, source) == {
         "How many shapes are there?": {"accuracy": 100.0, "questions": 1},
         "What colour is the <shape>?": {"accuracy": 100.0, "questions": 1},

@@ -91,9 +91,14 @@ def accuracy(correct: list[bool]) -> float:
     return 100.0 * sum(map(bool, correct)) / len(correct)
 
 
+def same_answer(prediction: str, reference: str) -> bool:
+    """Exact match's per-sample verdict: equal after `normalize_answer`."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """% of predictions equal to their reference after `normalize_answer`."""
-    return accuracy([normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)])
+    return accuracy([same_answer(p, r) for p, r in zip(predictions, references, strict=True)])
 
 
 def yes_no_scores(images: list[str], correct: list[bool]) -> dict[str, float]:

@@ -141,7 +141,7 @@ def judge(sample: Sample, text: str) -> dict[str, Any]:
         choice = metrics.extract_choice(text, sample.extra["options"])
         return {"parsed": choice, "correct": choice == sample.reference}
     if sample.metric == "exact_match":
-        return {"correct": metrics.normalize_answer(text) == metrics.normalize_answer(sample.reference)}
+        return {"correct": metrics.same_answer(text, sample.reference)}
     if sample.metric == "background":
         return {"ignored": metrics.is_blank(text)}
     return {}
@@ -185,7 +185,15 @@ def _aggregate(metric: str, predictions: list[Prediction]) -> dict[str, float]:
     if metric == "cer":
         return {"cer": metrics.cer(texts, references)}
     if metric == "bleu":
-        return metrics.bleu_chrf(texts, references, language=extra("language")[0])
+        languages = extra("language")
+        if len(set(languages)) == 1:
+            return metrics.bleu_chrf(texts, references, language=languages[0])
+        scores = {}  # a file of several target languages: each corpus scored with its own tokenizer
+        for language in sorted(set(languages)):
+            keep = [i for i, code in enumerate(languages) if code == language]
+            values = metrics.bleu_chrf([texts[i] for i in keep], [references[i] for i in keep], language=language)
+            scores.update({f"{name}/{language or 'unspecified'}": value for name, value in values.items()})
+        return scores
     raise ValueError(f"unknown metric {metric!r}")
 
 

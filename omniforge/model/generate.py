@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from omniforge.config import require
 from omniforge.model.omni import OmniModel
 
 PICTURES = ("pixel_values", "pixel_values_videos")
@@ -55,6 +56,14 @@ class GenerationConfig:
     """With `contrast`: only tokens at least this fraction as likely as the most likely one (with
     the pictures) may be picked, so the contrast cannot promote a token the model rules out."""
 
+    def __post_init__(self) -> None:
+        require(self.max_new_tokens >= 0, "max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
+        require(self.top_k >= 0 and 0 < self.top_p <= 1, "top_k/top_p",
+                f"need top_k >= 0 and 0 < top_p <= 1, got {self.top_k} and {self.top_p}")
+        require(self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        require(self.contrast >= 0 and 0 < self.plausibility <= 1, "contrast/plausibility",
+                f"need contrast >= 0 and 0 < plausibility <= 1, got {self.contrast} and {self.plausibility}")
+
 
 @dataclass
 class Completion:
@@ -75,13 +84,14 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     config = config or GenerationConfig()
     tokenizer = model.tokenizer
-    batch = input_ids.shape[0]
+    batch, device = input_ids.shape[0], input_ids.device  # every tensor of the loop lives where the logits do
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
-    stop_ids = torch.tensor(sorted({tokenizer.eos_token_id, *config.stop_token_ids} - {None}), dtype=torch.long)
-    rng = None if config.seed is None else torch.Generator().manual_seed(config.seed)
+    stop_ids = torch.tensor(sorted({tokenizer.eos_token_id, *config.stop_token_ids} - {None}), dtype=torch.long,
+                            device=device)
+    rng = None if config.seed is None else torch.Generator(device=device).manual_seed(config.seed)
     texts = [_TextState(config.stop) for _ in range(batch)]
-    generated = torch.empty(batch, 0, dtype=torch.long)
-    finished = torch.zeros(batch, dtype=torch.bool)
+    generated = torch.empty(batch, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     reasons = ["length"] * batch
     seen = input_ids.masked_fill(mask == 0, -1)  # tokens the repetition penalty counts
 

@@ -100,7 +100,8 @@ class OmniModel(nn.Module):
         model.load_state_dict(adapters, strict=False)
         return model
 
-    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        extra_files: dict[str, str] | None = None) -> None:
         """Write weights (safetensors, one HF folder per part), config and tokenizer, atomically.
 
         Everything is written beside the folder, then renamed in (`omniforge.files.atomic_folder`):
@@ -108,6 +109,7 @@ class OmniModel(nn.Module):
         `llm/` is a plain Hugging Face causal-LM folder (with the extended tokenizer).
         state_dict: the full weights to write instead of this module's own (e.g. gathered
         from FSDP shards).
+        extra_files: {name: text} written into the folder with the rest (e.g. a stage's record).
         """
         from safetensors.torch import save_file
 
@@ -128,6 +130,8 @@ class OmniModel(nn.Module):
             adapters = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.split(".")[0].endswith("_adapter")}
             save_file(adapters, tmp / ADAPTERS_FILE)
             save_config(_with_part_folders(self.config, None), tmp / CONFIG_FILE)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
 
     # ------------------------------------------------------------------ forward
 

@@ -6,7 +6,7 @@ import torch
 
 from omniforge.data.dataset import JsonlConversations
 from omniforge.errors import DataError, OmniforgeError
-from omniforge.eval.metrics import bleu_chrf, normalize_answer, wer
+from omniforge.eval.metrics import bleu_chrf, exact_match, wer
 from omniforge.eval.runner import generate_texts
 from omniforge.model.generate import GenerationConfig
 from omniforge.processing.chat import ConversationError, OmniProcessor, record_media
@@ -45,7 +45,7 @@ class Evaluator:
             self.sets.append((spec, prompts, answers, full))
 
     @torch.no_grad()
-    def run(self, model, dist=None) -> dict[str, float]:
+    def run(self, model) -> dict[str, float]:
         was_training = model.training
         model.eval()
         scores = {}
@@ -65,7 +65,7 @@ class Evaluator:
             return wer(texts, answers)
         if metric == "bleu":
             return bleu_chrf(texts, answers)["bleu"]
-        return sum(normalize_answer(t) == normalize_answer(a) for t, a in zip(texts, answers)) / len(prompts)
+        return exact_match(texts, answers)
 
     def _loss(self, model, samples) -> float:
         total, count = 0.0, 0

@@ -29,7 +29,7 @@ import torch
 
 from omniforge.data.dataset import SampleStream, mean_sample_tokens, open_mixture
 from omniforge.data.packing import MicroBatch, PackedBatches, PaddedBatches, Prefetch
-from omniforge.errors import ConfigError
+from omniforge.errors import CheckpointError, ConfigError
 from omniforge.files import atomic_folder, write_text_atomic
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
@@ -51,15 +51,14 @@ def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False,
     dist = Distributed.from_environment()
     out = Path(recipe.train.out_dir)
     log = _Log(out, dist.is_main)
-    stages = [recipe.stage(only_stage)] if only_stage else recipe.stages
-    state = _latest_checkpoint(out) if resume else None
-    if state is not None and state["stage"] not in [s.name for s in stages]:
-        raise ValueError(f"--resume: the latest checkpoint is in stage {state['stage']!r}, not among "
-                         f"{[s.name for s in stages]}")
-    if resume and state is None:
-        log.print(f"--resume: no checkpoint in {out / CHECKPOINTS}; starting from the beginning")
-    if state is not None:
-        stages = stages[[s.name for s in stages].index(state["stage"]):]
+    requested = [recipe.stage(only_stage)] if only_stage else recipe.stages
+    stages, state = _resume_point(requested, _latest_checkpoint(out), out, log) if resume else (requested, None)
+    if not stages:
+        log.print("--resume: every stage has finished already")
+        return out / STAGES / requested[-1].name
+    if state is not None and len(state["ranks"]) != dist.world:
+        raise CheckpointError(f"{state['folder']}: written by {len(state['ranks'])} process(es), resumed with "
+                              f"{dist.world}; each process's data position is saved, so resume with as many")
 
     _seed_everything(recipe.train.seed)
     model = _initial_model(recipe, stages[0], out, log)
@@ -94,7 +93,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
         dist.load_model_state(model, torch.load(Path(state["folder"]) / "model.pt", weights_only=True))
     optimizer = adamw(param_groups(model, stage, settings.weight_decay), betas=(0.9, 0.95))
     mixture = open_mixture(stage.data, settings.seed)
-    steps = stage.steps or _steps_for_epochs(stage, mixture, processor, dist.world)
+    mean_tokens = (mean_sample_tokens(mixture, processor) or 1) if stage.epochs and stage.batch_tokens else None
+    steps = stage.total_steps(mixture.size, dist.world, mean_tokens)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage.warmup_steps, steps,
                                                                             stage.min_lr_ratio))
     start_step, position = 0, 0
@@ -148,7 +148,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
         if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < steps:
             _save_checkpoint(model, optimizer, scheduler, stage, step, micro[-1], dist, out, settings.keep_checkpoints)
         if evaluator and stage.eval_every and step % stage.eval_every == 0 and step < steps:
-            log.evals(stage.name, step, evaluator.run(model, dist), progress)
+            log.evals(stage.name, step, evaluator.run(model))
     progress.close()
     if isinstance(batches, Prefetch):
         batches.close()
@@ -158,12 +158,11 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
     export = out / STAGES / stage.name
     weights = dist.full_state_dict(model)  # collective under FSDP
     if dist.is_main:
-        model.save_pretrained(export, state_dict=weights)
         record = {"stage": asdict(stage), "components": [asdict(r) for r in rows], "steps": steps,
                   "skipped_samples": dict(stream.skipped)}
-        (export / "stage.json").write_text(json.dumps(record, indent=2))
+        model.save_pretrained(export, state_dict=weights, extra_files={"stage.json": json.dumps(record, indent=2)})
     if evaluator:
-        log.evals(stage.name, steps, evaluator.run(model, dist), None)
+        log.evals(stage.name, steps, evaluator.run(model))
     log.plot()
     dist.barrier()
     log.print(f"stage {stage.name} done -> {export}")
@@ -231,15 +230,6 @@ def warmup_cosine(warmup: int, steps: int, floor: float) -> Callable[[int], floa
     return factor
 
 
-def _steps_for_epochs(stage: StageConfig, mixture, processor: OmniProcessor, world: int) -> int:
-    """Optimizer steps for `epochs` passes, from the mean length of the first samples."""
-    samples_per_step = stage.grad_accum * world * (stage.batch_size or 0)
-    if stage.batch_tokens:
-        mean = mean_sample_tokens(mixture, processor) or 1
-        samples_per_step = stage.grad_accum * world * max(1, stage.batch_tokens // max(1, int(mean)))
-    return max(1, math.ceil(stage.epochs * mixture.size / samples_per_step))
-
-
 def _batch_words(stage: StageConfig) -> str:
     return f"{stage.batch_tokens} packed tokens" if stage.batch_tokens else f"{stage.batch_size} padded samples"
 
@@ -290,9 +280,41 @@ def _latest_checkpoint(out: Path) -> dict | None:
     if not pointer.is_file():
         return None
     folder = out / CHECKPOINTS / pointer.read_text().strip()
-    state = torch.load(folder / "state.pt", weights_only=False)
+    try:
+        state = torch.load(folder / "state.pt", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{folder}: cannot read state.pt ({e}); {pointer} names it as the latest "
+                              "checkpoint (point it at another one, or delete it to start over)") from None
     state["folder"] = str(folder)
     return state
+
+
+def _resume_point(stages: list[StageConfig], state: dict | None, out: Path,
+                  log: "_Log") -> tuple[list[StageConfig], dict | None]:
+    """The stages --resume still has to run, and the checkpoint to start the first from (None: from
+    the previous stage's export). Stages exported since the latest checkpoint was written finished
+    in this run and are not repeated; with no checkpoint, every exported stage counts as finished."""
+    names = [s.name for s in stages]
+    if state is not None and state["stage"] not in names:
+        raise ConfigError(f"--resume: the latest checkpoint ({state['folder']}) is in stage {state['stage']!r}, "
+                          f"not among {names}")
+    first = names.index(state["stage"]) if state is not None else 0
+    since = state["written"] if state is not None else 0.0
+    done = first
+    while done < len(names) and _exported_since(out / STAGES / names[done], since):
+        done += 1
+    if done > first:
+        log.print(f"--resume: stage {names[done - 1]} has finished and was exported; going on from there")
+        return stages[done:], None
+    if state is None:
+        log.print(f"--resume: no checkpoint in {out / CHECKPOINTS} and no stage exported; starting from the beginning")
+    return stages[first:], state
+
+
+def _exported_since(export: Path, since: float) -> bool:
+    """Whether a stage's export (its stage.json is written last, inside the atomic folder) is newer than `since`."""
+    record = export / "stage.json"
+    return record.is_file() and record.stat().st_mtime > since
 
 
 class _Log:
@@ -323,7 +345,7 @@ class _Log:
         progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
         progress.update(1)
 
-    def evals(self, stage: str, step: int, scores: dict, progress) -> None:
+    def evals(self, stage: str, step: int, scores: dict) -> None:
         if not self.enabled:
             return
         self._append({"stage": stage, "step": step, "eval": scores})

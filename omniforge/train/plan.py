@@ -19,7 +19,8 @@ PROBE = 32
 
 
 def dry_run(recipe: Recipe, world: int = 1) -> str:
-    """A report of every stage: component table, data, steps and token budget. Raises on any problem."""
+    """A report of every stage: component table, data, steps and token budget. Raises on a bad recipe
+    or data file; a model that cannot be built from its configs is reported, not raised."""
     from omniforge.model.omni import OmniModel
 
     lines = [f"recipe: {len(recipe.stages)} stage(s), out_dir {recipe.train.out_dir}"]
@@ -39,14 +40,16 @@ def dry_run(recipe: Recipe, world: int = 1) -> str:
             lines.append(f"  data {spec.path}: {size} records, weight {spec.weight:g}")
         mean = (mean_sample_tokens(open_mixture(stage.data, recipe.train.seed), processor, PROBE)
                 if processor is not None else None)
-        steps_text = f"{stage.steps} steps" if stage.steps else f"{stage.epochs:g} epochs"
+        steps = stage.total_steps(sum(sizes), world, mean)
+        steps_text = f"{stage.epochs:g} epochs = " if stage.epochs else ""
+        steps_text += f"{steps} steps" if steps else "steps unknown (no model to measure samples with)"
         per_step = stage.grad_accum * world
         if stage.batch_tokens:
             budget = f"{stage.batch_tokens * per_step:,} tokens a step (packed)"
-            total = stage.batch_tokens * per_step * (stage.steps or 0)
+            total = stage.batch_tokens * per_step * (steps or 0)
         else:
             budget = f"{stage.batch_size * per_step} samples a step (padded)"
-            total = stage.batch_size * per_step * (stage.steps or 0) * (mean or 0)
+            total = stage.batch_size * per_step * (steps or 0) * (mean or 0)
         mean_text = f"; {mean:.0f} tokens a sample on average ({PROBE} probed)" if mean else ""
         lines.append(f"  {steps_text}, {budget}{mean_text}")
         if total:

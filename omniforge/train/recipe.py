@@ -18,6 +18,7 @@ Component names: `vision_tower`, `vision_adapter`, `audio_tower`, `audio_adapter
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,9 +66,12 @@ class EvalSpec:
     """JSONL conversations; the last assistant turn is the reference answer."""
     metric: Literal["loss", "exact_match", "wer", "bleu"] = "exact_match"
     """`loss`: teacher-forced loss on the answers; the others score greedy answers: `exact_match`
-    (fraction right, normalised), `wer` (word error rate, %), `bleu` (corpus BLEU)."""
+    (% right, normalised), `wer` (word error rate, %), `bleu` (corpus BLEU)."""
     limit: int = 64
     """Most samples evaluated (the first ones in the file)."""
+
+    def validate(self, key: str) -> None:
+        require(self.limit >= 1, f"{key}.limit", f"must be >= 1, got {self.limit}")
 
 
 @dataclass
@@ -109,8 +113,23 @@ class StageConfig:
         require((self.steps is None) != (self.epochs is None), key, "set exactly one of `steps` or `epochs`")
         require((self.batch_tokens is None) != (self.batch_size is None), key,
                "set exactly one of `batch_tokens` (packed) or `batch_size` (padded)")
-        require(self.grad_accum >= 1, f"{key}.grad_accum", "must be >= 1")
+        for name in ("steps", "batch_tokens", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"{key}.{name}", f"must be >= 1, got {value}")
+        require(self.epochs is None or self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
+        for name in ("warmup_steps", "eval_every"):
+            require(getattr(self, name) >= 0, f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
         require(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "must be within [0, 1]")
+
+    def total_steps(self, records: int, world: int, mean_tokens: float | None) -> int | None:
+        """Optimizer steps: `steps`, or `epochs` passes over a mixture of `records` samples (a packed
+        row holds batch_tokens // mean_tokens of them); None if that needs `mean_tokens` and it is None."""
+        if self.steps:
+            return self.steps
+        if self.batch_tokens and not mean_tokens:
+            return None
+        per_batch = max(1, self.batch_tokens // max(1, int(mean_tokens))) if self.batch_tokens else self.batch_size
+        return max(1, math.ceil(self.epochs * records / (self.grad_accum * world * per_batch)))
 
     def mode(self, component: str) -> str:
         return self.components.get(component, "frozen")

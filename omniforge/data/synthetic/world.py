@@ -1,15 +1,15 @@
 """`omniforge synth`: a deterministic multimodal world in the standard JSONL format, with real media.
 
     DIR/{train,val,test}/<task>.jsonl     conversations (+ "task", "metric", "pair_id" fields)
-    DIR/media/...                         PNG images, MP4 clips, 16-kHz WAV speech
+    DIR/media/...                         PNG images, MP4 clips, 16-kHz FLAC speech
     DIR/tokenizer/                        a BPE tokenizer trained on the world's text (HF format)
     DIR/world.json                        sizes, voices, held-out combinations, seed
 
 Tasks: caption, image_qa, image_lookups (the colour and shape of every shape of a scene, training only),
 ocr, hires (small details that need tiling), video_qa,
 video_directions (short clips of one shape crossing the frame, "which way?", training only),
-asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud; the
-test split pairs each with its text twin), background (talk not meant for the assistant:
+asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud) and,
+in test, spoken_qa_text (each one's written twin, for spoken/text agreement), background (talk not meant for the assistant:
 empty answer), text_qa, and text_lm (sentences to repeat: the text warm-up that stands in for
 a pretrained LLM). The test split uses held-out voices, speaking rates and
 (colour, shape) combinations.
@@ -49,7 +49,8 @@ BACKGROUND_TALK = (
 
 @dataclass
 class WorldSize:
-    """Records per task for the train split (val and test get `eval_size` each)."""
+    """Records per task for the train split (val and test get `eval_size` each, and test as many
+    written twins of its spoken questions)."""
 
     caption: int = 1200
     image_qa: int = 2400
@@ -94,6 +95,7 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
     builder = _Builder(out, seed)
     for split in SPLITS:
         n = (lambda task: getattr(size, task)) if split == "train" else (lambda task: size.eval_size)
+        spoken, written = builder.spoken_qa(split, n("spoken_qa"))
         tasks = {
             "caption": builder.captions(split, n("caption")) if split == "train" else [],
             "image_qa": builder.image_qa(split, n("image_qa")),
@@ -104,12 +106,13 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
             "video_directions": builder.video_directions(split, n("video_directions")) if split == "train" else [],
             "asr": builder.asr(split, n("asr")),
             "translation": builder.translation(split, n("translation")),
-            "spoken_qa": builder.spoken_qa(split, n("spoken_qa")),
+            "spoken_qa": spoken,
+            "spoken_qa_text": written,
             "background": builder.background(split, n("background")),
             "text_qa": builder.text_qa(split, n("text_qa")),
             "text_lm": builder.text_lm(split, n("text_lm")) if split == "train" else [],
         }
-        builder.speak_all(log)
+        builder.speak_all()
         (out / split).mkdir(parents=True, exist_ok=True)
         for task, records in tasks.items():
             if records:
@@ -128,7 +131,7 @@ class _Builder:
 
     def __init__(self, out: Path, seed: int):
         self.out, self.seed = out, seed
-        self.pending: list[tuple[str, speech.Voice, Path, bool, int]] = []
+        self.pending: list[tuple[str, speech.Voice, Path, bool, list[int]]] = []
 
     def rng(self, split: str, task: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLITS.index(split), sum(map(ord, task))])
@@ -250,18 +253,18 @@ class _Builder:
 
     def say(self, split: str, text: str, voice: speech.Voice, name: str, background: bool = False) -> str:
         path = self.path(split, "speech", name)
-        self.pending.append((text, voice, path, background, len(self.pending)))
+        self.pending.append((text, voice, path, background, [self.seed, SPLITS.index(split), len(self.pending)]))
         return self.rel(path)
 
-    def speak_all(self, log) -> None:
+    def speak_all(self) -> None:
         """Synthesise every queued utterance (two workers), then clear the queue."""
         import soundfile
 
         def work(job):
-            text, voice, path, background, index = job
+            text, voice, path, background, noise_seed = job
             audio = speech.synthesize(text, voice)
-            if background:
-                audio = speech.mix_background(audio, np.random.default_rng([self.seed, index]), level=0.35)
+            if background:  # the noise of each split's clips its own, not a copy of train's
+                audio = speech.mix_background(audio, np.random.default_rng(noise_seed), level=0.35)
             soundfile.write(path, audio, 16_000, subtype="PCM_16")  # FLAC: half the size of WAV
 
         with ThreadPoolExecutor(2) as pool:
@@ -298,22 +301,24 @@ class _Builder:
             records.append(_qa("translation", "bleu", "<audio>\nTranslate to English.", text_en, audios=[audio]))
         return records
 
-    def spoken_qa(self, split: str, n: int) -> list[Record]:
-        """Image questions asked aloud (VITA: half the instruction data); in test, each with its text twin."""
+    def spoken_qa(self, split: str, n: int) -> tuple[list[Record], list[Record]]:
+        """Image questions asked aloud (VITA: half the instruction data), and in test each one's
+        written twin (`spoken_qa_text`, the same `pair_id`): what spoken/text agreement compares.
+        The twins have a file of their own so that `spoken_qa` scores only spoken questions."""
         rng = self.rng(split, "spoken_qa")
         english = speech.voices(split)
-        records = []
+        spoken, written = [], []
         for i in range(n):
             shapes, image = self.scene_image(split, rng, f"spoken_{i:05d}.png")
             question, answer = scene_question(shapes, rng)
             audio = self.say(split, question, english[rng.integers(len(english))], f"spoken_{i:05d}.flac")
             pair = f"spoken_{i:05d}" if split == "test" else None
-            records.append(_qa("spoken_qa", "exact_match", "<image><audio>", answer, images=[image],
-                               audios=[audio], pair_id=pair))
+            spoken.append(_qa("spoken_qa", "exact_match", "<image><audio>", answer, images=[image],
+                              audios=[audio], pair_id=pair))
             if pair:
-                records.append(_qa("spoken_qa", "exact_match", f"<image>\n{question}", answer,
+                written.append(_qa("spoken_qa_text", "exact_match", f"<image>\n{question}", answer,
                                    images=[image], pair_id=pair))
-        return records
+        return spoken, written
 
     def background(self, split: str, n: int) -> list[Record]:
         """Talk not meant for the assistant (answer: nothing), beside real spoken queries."""
@@ -366,11 +371,12 @@ class _Builder:
         rng = self.rng(split, "text_qa")
         records = []
         for _ in range(n):
-            a, b = (int(x) for x in rng.integers(0, 6, 2))
             if rng.random() < 0.5:
+                a, b = (int(x) for x in rng.integers(0, 6, 2))
                 question, answer = f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b]
             else:
-                question, answer = f"What comes after {NUMBERS[a + b]}?", NUMBERS[min(a + b + 1, 10)]
+                a = int(rng.integers(0, 10))  # up to nine: ten is the last number the world names
+                question, answer = f"What comes after {NUMBERS[a]}?", NUMBERS[a + 1]
             records.append(_qa("text_qa", "exact_match", question, answer))
         return records
 
@@ -420,14 +426,15 @@ def _qa(task: str, metric: str, question: str, answer: str, **kw) -> Record:
 
 
 def train_tokenizer(out: Path, vocab_size: int = 512) -> Path:
-    """A byte-level BPE trained on every text of the world, saved as a Hugging Face tokenizer."""
+    """A byte-level BPE trained on the text of the world's training split (what a tokenizer is fit on
+    before any evaluation data exists), saved as a Hugging Face tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from omniforge.model.tokenizer import CHATML_TEMPLATE
 
     texts = []
-    for file in sorted(out.glob("*/*.jsonl")):
+    for file in sorted((out / "train").glob("*.jsonl")):
         for line in file.read_text().splitlines():
             messages = json.loads(line)["messages"]
             # the chat template's role names as often as conversations show them, so that each is one
