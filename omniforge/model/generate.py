@@ -68,7 +68,10 @@ class GenerationConfig:
 @dataclass
 class Completion:
     text: str
+    """The answer, ending before a stop string or stop token."""
     token_ids: list[int]
+    """The ids generated, without a stop token; a stop string's own tokens stay (a token may hold
+    the string and text before it, so the ids cannot end exactly where `text` does)."""
     finish_reason: str
     """"stop" (stop token or string) or "length" (max_new_tokens reached)."""
 
