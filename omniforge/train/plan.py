@@ -42,7 +42,7 @@ def dry_run(recipe: Recipe, world: int = 1) -> str:
                 if processor is not None else None)
         steps = stage.total_steps(sum(sizes), world, mean)
         steps_text = f"{stage.epochs:g} epochs = " if stage.epochs else ""
-        steps_text += f"{steps} steps" if steps else "steps unknown (no model to measure samples with)"
+        steps_text += f"{steps} steps" if steps else "steps unknown (no sample length measured)"
         per_step = stage.grad_accum * world
         if stage.batch_tokens:
             budget = f"{stage.batch_tokens * per_step:,} tokens a step (packed)"
