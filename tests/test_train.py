@@ -427,6 +427,12 @@ def test_resume_goes_on_after_a_stage_that_finished_since_the_last_checkpoint(tm
     assert steps == [("align", i) for i in range(1, 7)] + [("all", i) for i in range(1, 7)]  # align not repeated
     again = run_cli("train", recipe, "--resume")
     assert again.returncode == 0 and "every stage has finished" in again.stdout
+    write_recipe(tmp_path, dataset, [STAGES[0], dict(STAGES[1], steps=3)], checkpoint_every=5)  # an edited recipe
+    edited = run_cli("train", recipe, "--resume")
+    assert edited.returncode == 0, edited.stderr[-3000:]
+    assert "other settings of steps; running all again" in edited.stdout  # the export, then its checkpoint:
+    assert "other settings of steps; starting stage all again" in edited.stdout
+    assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r][-4:] == [6, 1, 2, 3]  # only all, anew
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

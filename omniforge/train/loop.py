@@ -268,8 +268,8 @@ def _save_checkpoint(model, optimizer, scheduler, stage: StageConfig, step: int,
     with atomic_folder(folder) as tmp:  # replaces a folder of the same step left by an earlier run
         torch.save(state_dict, tmp / "model.pt")
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save({"stage": stage.name, "step": step, "scheduler": scheduler.state_dict(), "ranks": ranks,
-                    "written": time.time()}, tmp / "state.pt")
+        torch.save({"stage": stage.name, "settings": asdict(stage), "step": step, "scheduler": scheduler.state_dict(),
+                    "ranks": ranks, "written": time.time()}, tmp / "state.pt")
     write_text_atomic(out / CHECKPOINTS / "latest", folder.name)
     for old in sorted((out / CHECKPOINTS).glob("step-*"), key=lambda p: p.stat().st_mtime)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -293,7 +293,9 @@ def _resume_point(stages: list[StageConfig], state: dict | None, out: Path,
                   log: "_Log") -> tuple[list[StageConfig], dict | None]:
     """The stages --resume still has to run, and the checkpoint to start the first from (None: from
     the previous stage's export). Stages exported since the latest checkpoint was written finished
-    in this run and are not repeated; with no checkpoint, every exported stage counts as finished."""
+    in this run and are not repeated; with no checkpoint, every exported stage counts as finished.
+    An export or checkpoint made with other settings than the recipe now gives its stage is stale:
+    that stage runs again from its start."""
     names = [s.name for s in stages]
     if state is not None and state["stage"] not in names:
         raise ConfigError(f"--resume: the latest checkpoint ({state['folder']}) is in stage {state['stage']!r}, "
@@ -301,20 +303,35 @@ def _resume_point(stages: list[StageConfig], state: dict | None, out: Path,
     first = names.index(state["stage"]) if state is not None else 0
     since = state["written"] if state is not None else 0.0
     done = first
-    while done < len(names) and _exported_since(out / STAGES / names[done], since):
+    while done < len(names) and _finished(stages[done], out / STAGES / names[done], since, log):
         done += 1
     if done > first:
         log.print(f"--resume: stage {names[done - 1]} has finished and was exported; going on from there")
         return stages[done:], None
     if state is None:
-        log.print(f"--resume: no checkpoint in {out / CHECKPOINTS} and no stage exported; starting from the beginning")
+        log.print(f"--resume: no checkpoint in {out / CHECKPOINTS} and no stage finished; starting from the beginning")
+    elif changed := _changed_settings(stages[first], state.get("settings", asdict(stages[first]))):
+        log.print(f"--resume: {state['folder']} was written with other settings of {', '.join(changed)}; "
+                  f"starting stage {names[first]} again")
+        return stages[first:], None
     return stages[first:], state
 
 
-def _exported_since(export: Path, since: float) -> bool:
-    """Whether a stage's export (its stage.json is written last, inside the atomic folder) is newer than `since`."""
+def _finished(stage: StageConfig, export: Path, since: float, log: "_Log") -> bool:
+    """Whether `stage` was exported after `since` (its stage.json is written last, inside the atomic
+    folder) with the settings the recipe gives it now."""
     record = export / "stage.json"
-    return record.is_file() and record.stat().st_mtime > since
+    if not record.is_file() or record.stat().st_mtime <= since:
+        return False
+    if changed := _changed_settings(stage, json.loads(record.read_text())["stage"]):
+        log.print(f"--resume: {export} was made with other settings of {', '.join(changed)}; running {stage.name} again")
+    return not changed
+
+
+def _changed_settings(stage: StageConfig, recorded: dict) -> list[str]:
+    """The keys of `stage`'s settings that differ from `recorded` (an earlier run's `asdict(stage)`)."""
+    now, then = (json.loads(json.dumps(d)) for d in (asdict(stage), recorded))  # tuples as lists, as in stage.json
+    return sorted(key for key in now.keys() | then.keys() if now.get(key) != then.get(key))
 
 
 class _Log:
