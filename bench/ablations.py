@@ -113,6 +113,7 @@ def main() -> None:
         results["a"] = {"image_qa_before": before["exact_match"], "frozen": frozen, "unfrozen": unfrozen}
         print(f"(a) image QA before stage 2 {before['exact_match']:.1f}%, after it with LLM+vision frozen "
               f"{spread(frozen)}, with them trained {spread(unfrozen)}")
+    trained = {}  # (stage, overrides) -> result: (b)'s 2x2 and (c)'s packed rows are both the recipe's 1b
     for key, name, variants in (("b", "pooling", {"2x2 (16 tokens/tile)": [], "none (64 tokens/tile)": ["model.vision.pool=1"]}),
                                 ("c", "packing", {"packed 2048": [], "padded": [f"stages.{visual}.batch_tokens=null",
                                                                                 f"stages.{visual}.batch_size=26"]})):
@@ -120,8 +121,10 @@ def main() -> None:
             continue
         results[key] = {}
         for label, overrides in variants.items():
-            result = trained_accuracy(args, f"{key}_{label.split()[0]}", "1b_visual_fine_grained", overrides)
-            results[key][label] = result
+            run = ("1b_visual_fine_grained", tuple(overrides))
+            if run not in trained:
+                trained[run] = trained_accuracy(args, f"{key}_{label.split()[0]}", *run)
+            results[key][label] = result = trained[run]
             print(f"({key}) {name}: {label}: image QA {spread(result)} after stage 1b, {result['seconds']:.0f} s")
     if "d" in only:
         report = json.loads((args.demo / "report.json").read_text())

@@ -185,7 +185,8 @@ OPTIONS = {"A": "red apple", "B": "blue car", "C": "green", "D": "dog"}
 @pytest.mark.parametrize("answer,choice", [
     ("B", "B"), ("(b)", "B"), ("C.", "C"), ("B. blue car", "B"), ("(C) green", "C"), ("D, because it barks", "D"),
     ("Answer: D", "D"), ("The correct answer is (C).", "C"), ("It is a blue car.", "B"), ("I pick B", "B"),
-    ("B is right", "B"), ("A cat sits there", None), ("Either B or C", None), ("no idea", None), ("", None),
+    ("B is right", "B"), ("A is right", "A"), ("A cat sits there", None), ("Either B or C", None), ("no idea", None),
+    ("", None), ("Not the dog, so B", "B"), ("hotdogs", None), ("Green!", "C"),
 ])
 def test_extract_choice_by_rules(answer, choice):
     assert metrics.extract_choice(answer, OPTIONS) == choice
@@ -330,6 +331,23 @@ def test_synth_folder_is_one_task_per_file_with_metrics_from_records(tmp_path):
     assert [s.extra["addressed"] for s in tasks["synth/background"].items] == [False, True]
     assert {s.extra["pair_id"] for s in tasks["synth/spoken_qa"].items} == {"q1"}
     assert all(t.group == "synth" for t in tasks.values())
+
+
+def test_jsonl_references_are_read_as_scored_and_unscorable_records_skipped(tmp_path):
+    def record(id, answer, **fields):
+        return {"id": id, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
+                **fields}
+
+    lines = [record("yes", "Yes, it is red.", metric="yes_no"), record("maybe", "Maybe", metric="yes_no"),
+             record("twelve", "12", metric="mcq", options=["A. 2", "B. 12", "C. 3"]),
+             record("seven", "seven", metric="mcq", options=["A. 2", "B. 12", "C. 3"]),
+             record("nolang", "Hallo", metric="bleu", language=None)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n[1, 2]\n")
+    items = {item.id: item for item in readers.read_jsonl(path)}
+    assert items["yes"].reference == "yes" and items["twelve"].reference == "B"
+    assert "yes or no" in items["maybe"].reason and "names none of the options" in items["seven"].reason
+    assert "language" in items["nolang"].reason and "expected a JSON object" in items["mixed.jsonl[5]"].reason
 
 
 # --------------------------------------------------------------------------- runner

@@ -49,11 +49,12 @@ def yes_no_label(text: str) -> str:
 def extract_choice(text: str, options: dict[str, str]) -> str | None:
     """The option letter an answer picks, by rules; None when it names none or several.
 
-    options: letter -> option text. Tried in order: the answer is a letter ("b", "(B)", "B.");
-    it starts with one ("B. a cat", "(B) a cat", "B, because"); it says so ("Answer: B", "the
-    answer is (B)", "option B"); it holds the text of exactly one option; exactly one option
-    letter stands alone in it ("I pick B", "B is right"); "A" before a lowercase word ("A cat
-    is ...") is the article, not a choice.
+    options: letter -> option text. Tried in order, letters before option text (as VLMEvalKit's
+    `can_infer`): the answer is a letter ("b", "(B)", "B.") or exactly one option's text ("12");
+    it starts with a letter ("B. a cat", "(B) a cat", "B, because"); it says so ("Answer: B", "the
+    answer is (B)", "option B"); exactly one option letter stands alone in it ("I pick B", "not
+    red, so B", "A is right"), "A" before another lowercase word ("A cat is ...") being the
+    article; it holds exactly one option's text as whole words ("It is a blue car").
     """
     letters = "".join(re.escape(letter) for letter in options)
     if not letters:
@@ -62,18 +63,26 @@ def extract_choice(text: str, options: dict[str, str]) -> str | None:
     bare = re.fullmatch(r"\W*(\w)\W*", stripped)
     if bare and bare.group(1).upper() in options:
         return bare.group(1).upper()
+    whole = [letter for letter, option in options.items() if _words(option) and _words(option) == _words(stripped)]
+    if len(whole) == 1:
+        return whole[0]
     for pattern in (rf"^[(\[]?([{letters}])(?:[.):\],]|$)",
                     rf"(?i:answer|option|choice)(?:\s+is)?\s*[:：]?\s*[(\[]?([{letters}])\b"):
         found = re.search(pattern, stripped)
         if found:
             return found.group(1)
-    lowered = stripped.lower()
-    named = [letter for letter, option in options.items() if option.strip() and option.strip().lower() in lowered]
-    if len(named) == 1:
-        return named[0]
     alone = {m.group(1) for m in re.finditer(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", stripped)
-             if not (m.group(1) == "A" and re.match(r"\s+[a-z]", stripped[m.end():]))}
-    return alone.pop() if len(alone) == 1 else None
+             if not (m.group(1) == "A" and re.match(r"\s+(?!(?:is|was)\b)[a-z]", stripped[m.end():]))}
+    if alone:
+        return alone.pop() if len(alone) == 1 else None
+    named = [letter for letter, option in options.items()
+             if _words(option) and re.search(rf"(?<!\w){re.escape(_words(option))}(?!\w)", _words(stripped))]
+    return named[0] if len(named) == 1 else None
+
+
+def _words(text: str) -> str:
+    """Lower-case words separated by single spaces, punctuation dropped: how option texts are compared."""
+    return " ".join(re.findall(r"\w+", text.lower()))
 
 
 def is_blank(text: str) -> bool:

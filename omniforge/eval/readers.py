@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from omniforge.errors import OmniforgeError
-from omniforge.eval.metrics import extract_choice
+from omniforge.eval.metrics import extract_choice, yes_no_label
 from omniforge.processing.media import IMAGE_EXTS
 
 MODALITIES = ("image", "video", "audio")
@@ -378,15 +378,22 @@ def _jsonl_sample(record: dict, folder: Path, where: str) -> Sample:
         raise BenchmarkError(f"metric {metric!r} is not one of {JSONL_METRICS}")
     media = {m: [p if Path(p).is_absolute() else str(folder / p) for p in record.get(m + "s") or []] for m in MODALITIES}
     extra = {key: record[key] for key in ("task", "pair_id", "language") if key in record}
+    if not isinstance(extra.get("language", ""), str):
+        raise BenchmarkError(f"'language' must be a language code like \"de\", got {extra['language']!r}")
     reference = str(answer.get("content") or "")
     if metric == "background":
         extra["addressed"] = bool(reference.strip()) and answer.get("state") != "background"
     if metric == "yes_no":
         extra["image"] = str(record.get("image_id") or (media["image"] or [where])[0])
+        if (label := yes_no_label(reference)) == "other":
+            raise BenchmarkError(f"a yes_no answer must say yes or no, got {reference!r}")
+        reference = label
     if metric == "mcq":
         options = record.get("options") or {letter: "" for letter in "ABCD"}
         extra["options"] = dict(options) if isinstance(options, dict) else dict(_lettered(o) for o in options)
-        reference = extract_choice(reference, extra["options"]) or reference.strip()
+        if (letter := extract_choice(reference, extra["options"])) is None:
+            raise BenchmarkError(f"the mcq answer {reference!r} names none of the options {extra['options']}")
+        reference = letter
     return Sample(str(record.get("id", where)), messages[:-1], reference, metric, media=media,
                   system=record.get("system"), extra=extra)
 
@@ -406,7 +413,8 @@ def _lines(file: Path) -> list[tuple[int, str]]:
 
 
 def _records(path: Path) -> Iterator[dict | Skipped]:
-    """The objects of a JSON list or of JSONL lines; an unparseable line becomes a Skipped."""
+    """The objects of a JSON list or of JSONL lines; an unparseable line or an entry that is not
+    an object becomes a Skipped."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
@@ -415,13 +423,16 @@ def _records(path: Path) -> Iterator[dict | Skipped]:
             raise BenchmarkError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
         if not isinstance(records, list):
             raise BenchmarkError(f"{path}: expected a JSON list of records")
-        yield from records
-        return
-    for n, line in enumerate(line for line in text.splitlines() if line.strip()):
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as e:
-            yield Skipped(f"{path.name}[{n}]", f"invalid JSON ({e.msg})")
+    else:
+        records = []
+        for n, line in enumerate(line for line in text.splitlines() if line.strip()):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                records.append(Skipped(f"{path.name}[{n}]", f"invalid JSON ({e.msg})"))
+    for n, record in enumerate(records):
+        ok = isinstance(record, (dict, Skipped))
+        yield record if ok else Skipped(f"{path.name}[{n}]", f"expected a JSON object, got {type(record).__name__}")
 
 
 def _single_file(path: Path, pattern: str, what: str, also: str | None = None) -> Path:
