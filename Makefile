@@ -1,6 +1,9 @@
 # omniforge: `make demo` runs the main job, `make test` the suite. Both install first.
 VENV   ?= .venv
 PYTHON ?= python3
+# PyPI's Linux torch wheel is the multi-GB CUDA build; TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes the pinned version's CPU build from PyTorch's own index instead
+TORCH_INDEX ?=
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -13,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q --index-url $(TORCH_INDEX) "$$(grep -o 'torch==[0-9.]*' pyproject.toml)")
 	$(BIN)/pip install -q -e ".[all,dev]"
 	touch $@
 

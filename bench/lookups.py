@@ -73,18 +73,20 @@ def main() -> None:
             for kind, question, answer in questions(shapes):
                 kinds.append(kind)
                 counts.append(len(shapes))
-                lines.append(json.dumps({"messages": [{"role": "user", "content": f"<image>\n{question}"},
+                lines.append(json.dumps({"id": str(len(lines)),
+                                         "messages": [{"role": "user", "content": f"<image>\n{question}"},
                                                       {"role": "assistant", "content": answer}],
                                          "images": [f"scene_{i}.png"], "metric": "exact_match"}))
         (folder / "lookups.jsonl").write_text("\n".join(lines) + "\n")
         tasks = load_tasks(TaskSpec("lookups", "jsonl", folder / "lookups.jsonl"))
         evaluate(OmniModel.from_pretrained(args.checkpoint), tasks, folder / "eval", batch_size=32,
                  max_new_tokens=8, progress=False, contrast=args.contrast)
-        verdicts = [json.loads(line)["correct"]
-                    for line in (folder / "eval" / "predictions" / f"{tasks[0].name}.jsonl").read_text().splitlines()]
+        predictions = (folder / "eval" / "predictions" / f"{tasks[0].name}.jsonl").read_text().splitlines()
+        verdicts = {p["id"]: p["correct"] for p in map(json.loads, predictions) if "correct" in p}  # skipped: none
     right = defaultdict(list)
-    for kind, count, correct in zip(kinds, counts, verdicts):
-        right[kind, count].append(bool(correct))
+    for n, (kind, count) in enumerate(zip(kinds, counts)):
+        if str(n) in verdicts:
+            right[kind, count].append(bool(verdicts[str(n)]))
     print(f"{args.checkpoint}: {len(verdicts)} questions about {args.scenes} fresh {args.split}-split scenes\n")
     print("| question | 2 shapes | 3 shapes | attributes without binding (2 / 3) |\n|---|---|---|---|")
     for kind, (label, chance) in KINDS.items():

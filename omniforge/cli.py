@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             return train_command(args, overrides)
         elif args.command == "tokens":  # key=value words among the files are config overrides
-            is_override = [("=" in f.name and not f.exists()) for f in args.files]
+            is_override = [("=" in str(f) and not f.exists()) for f in args.files]  # vision.path=/a/b too
             files = [f for f, o in zip(args.files, is_override) if not o]
             overrides += [str(f) for f, o in zip(args.files, is_override) if o]
             return tokens_command(files, args.recipe, args.json, overrides)
@@ -102,7 +102,6 @@ def train_command(args, overrides: list[str]) -> int:
 
 def tokens_command(files: list[Path], recipe: Path | None, as_json: bool, overrides: list[str]) -> int:
     from omniforge.config import load_config
-    from omniforge.errors import MediaError
     from omniforge.processing.media import MediaProcessor, media_kind
 
     config = load_config(recipe or DEFAULT_MODEL, overrides)
@@ -111,7 +110,7 @@ def tokens_command(files: list[Path], recipe: Path | None, as_json: bool, overri
     for file in files:
         try:
             item = processor.item(media_kind(file), file)
-        except MediaError as e:
+        except OmniforgeError as e:  # unreadable, or an unknown kind of file: counted, the rest still listed
             failed += 1
             print(json.dumps({"file": str(file), "error": str(e)}) if as_json else f"{file}: error: {e}")
             continue

@@ -175,7 +175,8 @@ def pocketsphinx_wer(asr_file: Path, limit: int) -> dict:
 
 def examples(checkpoint: Path, test: Path) -> list[dict]:
     """Two answers of the final model: a question about an image, and one asked aloud."""
-    from omniforge.model.generate import GenerationConfig, generate
+    from omniforge.eval.runner import generate_texts
+    from omniforge.model.generate import GenerationConfig
     from omniforge.model.omni import OmniModel
     from omniforge.processing.chat import OmniProcessor, record_media
 
@@ -188,9 +189,7 @@ def examples(checkpoint: Path, test: Path) -> list[dict]:
         record = json.loads((test / file).read_text().splitlines()[index])
         media = record_media(record, test)
         prompt = processor.encode(record["messages"][:-1], media, add_generation_prompt=True)
-        inputs = processor.collate([prompt], padding_side="left")
-        inputs.pop("labels")
-        answer = generate(model, config=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS), **inputs)[0].text
+        answer = generate_texts(model, processor, [prompt], GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))[0]
         question = record["messages"][0]["content"].replace("\n", " ")
         if media["audio"]:
             question += f"  [spoken: {Path(media['audio'][0]).name}]"

@@ -185,12 +185,16 @@ def test_tokens_cli_text_output_recipe_and_overrides(tmp_path):
     assert "grid 2x1 + thumbnail = 3 tiles -> 768 tokens" in text
     tiny = run_cli("tokens", str(tmp_path / "hd.png"), "--recipe", "recipes/models/tiny.yaml").stdout
     assert "-> 48 tokens" in tiny  # 3 tiles x 16 tokens (64-px tiles, 8-px patches, 2x2 pooling)
+    path_valued = run_cli("tokens", str(tmp_path / "hd.png"), f"vision.path={tmp_path / 'other-tower'}", "vision.max_tiles=4")
+    assert "-> 768 tokens" in path_valued.stdout, path_valued.stderr  # an override, not a file to read
 
 
 def test_tokens_cli_reports_unreadable_files(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    result = run_cli("tokens", str(tmp_path / "broken.png"))
+    (tmp_path / "notes.txt").write_text("hello")
+    result = run_cli("tokens", str(tmp_path / "broken.png"), str(tmp_path / "notes.txt"))
     assert result.returncode == 1 and "broken.png: not an image format" in result.stdout
+    assert "notes.txt: error:" in result.stdout and "(2 unreadable)" in result.stdout  # both listed, neither fatal
 
 
 def test_audio_and_video_of_one_file(processor, tmp_path):

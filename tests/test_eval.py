@@ -445,6 +445,9 @@ def test_cli_writes_scores_and_compares(omni_model, tmp_path, capsys):
     args.task = ["nope=/nowhere"]
     with pytest.raises(BenchmarkError):
         run(args)
+    args.task, args.checkpoint = [f"jsonl={synth}"] * 2, tmp_path / "no-checkpoint"  # named alike: caught before loading
+    with pytest.raises(OmniforgeError, match="task names must differ"):
+        run(args)
 
 
 # --------------------------------------------------------------------------- harness adapters

@@ -42,12 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
     from omniforge.errors import ConfigError
     from omniforge.eval.readers import load_tasks, parse_task_spec
-    from omniforge.eval.runner import compare_markdown, evaluate, load_scores, scores_markdown
+    from omniforge.eval.runner import compare_markdown, evaluate, load_scores, require_distinct_names, scores_markdown
     from omniforge.model.omni import OmniModel
 
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--batch-size and --limit must be >= 1")
     tasks = [task for text in args.task for task in load_tasks(parse_task_spec(text), args.limit)]
+    require_distinct_names(tasks)
     other = load_scores(args.compare) if args.compare else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = OmniModel.from_pretrained(args.checkpoint, args.overrides).to(device)

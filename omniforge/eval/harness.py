@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from omniforge.errors import OmniforgeError
-from omniforge.eval.runner import generate_texts
+from omniforge.eval.runner import answer_prompts
 from omniforge.model.generate import GenerationConfig
 from omniforge.processing.audio import resample
 from omniforge.processing.chat import IGNORE, OmniProcessor
@@ -118,19 +118,12 @@ class OmniforgeChat:
 
     def answer(self, prompts: list[tuple[str, list[tuple[str, Any]]]], config: GenerationConfig) -> list[str]:
         """Greedy (or sampled, per `config`) answers; a prompt whose media fail to load answers ""."""
-        answers = [""] * len(prompts)
-        ready = []
-        for i, (text, media) in enumerate(prompts):
-            messages, by_modality = self.prompt(text, media)
-            try:
-                ready.append((i, self.processor.encode(messages, by_modality, add_generation_prompt=True,
-                                                       where=f"request {i}")))
-            except OmniforgeError as e:
-                log.warning("answering '' to a request that cannot be encoded: %s", e)
-        if ready:
-            for (i, _), text in zip(ready, generate_texts(self.model, self.processor, [e for _, e in ready], config)):
-                answers[i] = text
-        return answers
+        answers = answer_prompts(self.model, self.processor,
+                                 [(*self.prompt(text, media), None, f"request {i}") for i, (text, media) in enumerate(prompts)],
+                                 config)
+        for failed in (a for a in answers if isinstance(a, OmniforgeError)):
+            log.warning("answering '' to a request that cannot be encoded: %s", failed)
+        return ["" if isinstance(a, OmniforgeError) else a for a in answers]
 
     @torch.no_grad()
     def loglikelihood(self, text: str, media: list[tuple[str, Any]], continuation: str) -> tuple[float, bool]:

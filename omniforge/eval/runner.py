@@ -58,10 +58,7 @@ def evaluate(model, tasks: list[Task], out_dir: str | Path, batch_size: int = 8,
              progress: bool = True, contrast: float = 0.0) -> list[TaskScores]:
     """Answer and score every task; write predictions, scores.json and scores.md under `out_dir`.
     contrast: visual contrastive decoding's weight (`GenerationConfig.contrast`; 0: plain greedy)."""
-    names = [task.name for task in tasks]
-    if len(set(names)) < len(names):
-        raise OmniforgeError(f"task names must differ (their predictions files would collide): {names}; "
-                             "label repeated kinds, LABEL:KIND=PATH")
+    require_distinct_names(tasks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     processor = OmniProcessor.from_model(model)
@@ -85,6 +82,14 @@ def evaluate(model, tasks: list[Task], out_dir: str | Path, batch_size: int = 8,
     return results
 
 
+def require_distinct_names(tasks: list[Task]) -> None:
+    """Each task writes predictions/<name>.jsonl: two tasks of one name would overwrite each other."""
+    names = [task.name for task in tasks]
+    if len(set(names)) < len(names):
+        raise OmniforgeError(f"task names must differ (their predictions files would collide): {names}; "
+                             "label repeated kinds, LABEL:KIND=PATH")
+
+
 def predict(model, processor: OmniProcessor, items: list[Sample | Skipped], batch_size: int = 8,
             max_new_tokens: int | None = None, progress: bool = True, desc: str | None = None,
             contrast: float = 0.0) -> list[Prediction | Skipped]:
@@ -106,22 +111,31 @@ def predict(model, processor: OmniProcessor, items: list[Sample | Skipped], batc
 def _answer_batch(model, processor: OmniProcessor, chunk: list[Sample | Skipped],
                   max_new_tokens: int | None, contrast: float = 0.0) -> list[Prediction | Skipped]:
     """One batch, in order: each sample encoded (or skipped), the encoded ones answered together and judged."""
+    samples = [(i, item) for i, item in enumerate(chunk) if isinstance(item, Sample)]
     slots: list[Prediction | Skipped] = list(chunk)
-    ready = []
-    for i, item in enumerate(chunk):
-        if isinstance(item, Sample):
-            try:
-                ready.append((i, processor.encode(item.messages, item.media, system=item.system,
-                                                  add_generation_prompt=True, where="prompt")))
-            except OmniforgeError as e:
-                slots[i] = Skipped(item.id, str(e))
-    if ready:
-        budget = max_new_tokens or max(MAX_NEW_TOKENS[chunk[i].metric] for i, _ in ready)
-        config = GenerationConfig(max_new_tokens=budget, contrast=contrast)
-        texts = generate_texts(model, processor, [e for _, e in ready], config)
-        for (i, _), text in zip(ready, texts):
-            slots[i] = Prediction(chunk[i], text, judge(chunk[i], text))
+    if samples:
+        budget = max_new_tokens or max(MAX_NEW_TOKENS[sample.metric] for _, sample in samples)
+        answers = answer_prompts(model, processor, [(s.messages, s.media, s.system, "prompt") for _, s in samples],
+                                 GenerationConfig(max_new_tokens=budget, contrast=contrast))
+        for (i, sample), answer in zip(samples, answers):
+            slots[i] = (Skipped(sample.id, str(answer)) if isinstance(answer, OmniforgeError)
+                        else Prediction(sample, answer, judge(sample, answer)))
     return slots
+
+
+def answer_prompts(model, processor: OmniProcessor, prompts: list[tuple[list[dict], dict, str | None, str]],
+                   config: GenerationConfig) -> list[str | OmniforgeError]:
+    """Answers to one-batch prompts ((messages, media, system, where) each), in order; a prompt
+    whose media or messages fail to encode gets its error instead, and the rest are answered."""
+    encoded: list[Encoded | OmniforgeError] = []
+    for messages, media, system, where in prompts:
+        try:
+            encoded.append(processor.encode(messages, media, system=system, add_generation_prompt=True, where=where))
+        except OmniforgeError as e:
+            encoded.append(e)
+    ready = [e for e in encoded if not isinstance(e, OmniforgeError)]
+    answers = iter(generate_texts(model, processor, ready, config) if ready else [])
+    return [e if isinstance(e, OmniforgeError) else next(answers) for e in encoded]
 
 
 def generate_texts(model, processor: OmniProcessor, encoded: list[Encoded], config: GenerationConfig) -> list[str]:
