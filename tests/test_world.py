@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from omniforge.data.synthetic import scenes, speech
+from omniforge.data.synthetic import world as world_module
 from omniforge.data.synthetic.world import WorldSize, synthesize_world
 from omniforge.errors import ConfigError
 from omniforge.eval.readers import TaskSpec, load_tasks
@@ -57,6 +58,16 @@ def test_test_split_holds_out_voices_rates_and_combinations():
     assert all(p not in scenes.pairs("train") for p in scenes.HELD_OUT)
     assert all(p in scenes.pairs("test") for p in scenes.HELD_OUT)
     assert set(scenes.pairs("held_out")) == scenes.HELD_OUT  # what the stand-in tower is also scored on
+
+
+def test_background_talk_in_test_is_never_heard_in_training(tmp_path):
+    builder = world_module._Builder(tmp_path, seed=0)
+    for split, talks in (("train", world_module.BACKGROUND_TALK), ("test", world_module.BACKGROUND_TALK_TEST)):
+        builder.pending.clear()
+        builder.background(split, 12)
+        heard = {text for text, _, _, background, _ in builder.pending if background}
+        assert heard and heard <= set(talks)
+    assert not set(world_module.BACKGROUND_TALK) & set(world_module.BACKGROUND_TALK_TEST)
 
 
 def test_videos_cover_all_three_sampling_regimes(world):

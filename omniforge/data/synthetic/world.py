@@ -11,8 +11,8 @@ video_directions (short clips of one shape crossing the frame, "which way?", tra
 asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud) and,
 in test, spoken_qa_text (each one's written twin, for spoken/text agreement), background (talk not meant for the assistant:
 empty answer), text_qa, and text_lm (sentences to repeat: the text warm-up that stands in for
-a pretrained LLM). The test split uses held-out voices, speaking rates and
-(colour, shape) combinations.
+a pretrained LLM). The test split uses held-out voices, speaking rates,
+(colour, shape) combinations and background talk.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ BACKGROUND_TALK = (
     "the weather is supposed to be nice this weekend", "he plays football every saturday",
     "let us watch a film after work", "the garden needs water before it gets dark",
 )
+"""Talk not meant for the assistant, in training and validation."""
+BACKGROUND_TALK_TEST = (
+    "the neighbours are painting their fence blue", "we should leave early to miss the traffic",
+    "my phone battery died during the call", "our cousins arrive on sunday afternoon",
+    "remember to buy bread on the way home", "the concert was louder than i expected",
+)
+"""Only in the test split: rejection is measured on talk never heard in training, not on the
+twelve sentences a model could learn by heart."""
 
 
 @dataclass
@@ -122,6 +130,7 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
     (out / "world.json").write_text(json.dumps({
         "seed": seed, "size": asdict(size), "held_out_pairs": sorted(map(list, scenes.HELD_OUT)),
         "test_voice_variants": sorted(speech.TEST_VARIANTS), "test_rates": list(speech.TEST_RATES),
+        "test_background_talk": list(BACKGROUND_TALK_TEST),
         "piper": speech.piper_available()}, indent=2))
     return out
 
@@ -334,7 +343,8 @@ class _Builder:
                 records.append(_qa("background", "background", "<image><audio>", answer, images=[image],
                                    audios=[audio]))
                 continue
-            talk = BACKGROUND_TALK[rng.integers(len(BACKGROUND_TALK))]
+            talks = BACKGROUND_TALK_TEST if split == "test" else BACKGROUND_TALK
+            talk = talks[rng.integers(len(talks))]
             audio = self.say(split, talk, voice, f"background_{i:05d}.flac", background=True)
             with_image = bool(rng.integers(2))
             images = [self.scene_image(split, rng, f"background_{i:05d}.png")[1]] if with_image else []
