@@ -130,6 +130,16 @@ def test_generation_prompt_ends_where_the_assistant_starts(processor):
      MediaError, "sample.images\\[0\\]: .*missing.png: cannot read"),
     ({"system": "look: <image>", "messages": [{"role": "user", "content": "<image>"}], "images": ["square.jpg"]},
      ConversationError, "sample.system: holds <image>; media placeholders belong in messages"),
+    ({"messages": [{"role": "user", "content": "<audio>"},  # a background turn's answer is dropped, and its image
+                   {"role": "assistant", "content": "<image>", "state": "background"}],
+      "audios": ["speech.wav"], "images": ["square.jpg"]},
+     PlaceholderCountError, "sample: 0 <image> placeholder\\(s\\) in the rendered conversation but 1 image\\(s\\) given"),
+    ({"messages": [{"role": "user", "content": "<image>"}], "images": [None]},
+     ConversationError, "sample.images\\[0\\]: expected a file path \\(a string\\), got None"),
+    ({"messages": [{"role": "user", "content": "<audio>"}], "audios": [3]},
+     ConversationError, "sample.audios\\[0\\]: expected a file path \\(a string\\), got 3"),
+    ({"system": 5, "messages": [{"role": "user", "content": "hi"}]},
+     ConversationError, "sample.system: expected a string or null, got int"),
 ])
 def test_bad_records_raise_clear_errors(processor, files, record, error, message):
     with pytest.raises(error, match=message):

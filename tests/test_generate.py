@@ -1,8 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
-from conftest import make_batch
-from omniforge.model.generate import GenerationConfig, contrasted, generate, sample, stream
+from conftest import make_batch, omni_config
+from omniforge.model.generate import GenerationConfig, contrasted, generate, sample, stop_token_ids, stream
+from omniforge.model.omni import OmniModel
+from omniforge.model.tokenizer import CHATML_TEMPLATE
 
 PROMPTS = [
     {"text": "Describe <image>", "images": [(32, 32)]},
@@ -57,6 +61,63 @@ def test_stop_token_ends_a_sequence_and_is_not_returned(omni_model):
     first = free.token_ids.index(stop_at)
     stopped = run(omni_model, batch, max_new_tokens=8, stop_token_ids=[stop_at])[0]
     assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:first]
+
+
+def test_the_llms_own_end_of_sequence_ids_stop_a_sequence(omni_model, monkeypatch):
+    batch = inputs(omni_model, PROMPTS[2:])
+    free = run(omni_model, batch, max_new_tokens=8)[0]
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    monkeypatch.setattr(omni_model.llm.generation_config, "eos_token_id", [stop_at, 500])  # a list, as Qwen2.5's
+    stopped = run(omni_model, batch, max_new_tokens=8)[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:first]
+    end_of_turn = omni_model.tokenizer.convert_tokens_to_ids("<|im_end|>")  # also the byte-level tokenizer's eos
+    assert stop_token_ids(omni_model, GenerationConfig(stop_token_ids=[7])) == sorted({end_of_turn, stop_at, 500, 7})
+    monkeypatch.setattr(omni_model.llm.generation_config, "eos_token_id", stop_at)  # or one int
+    assert stop_token_ids(omni_model, GenerationConfig()) == sorted({end_of_turn, stop_at})
+
+
+def test_chatml_fallback_makes_its_markers_special_tokens_and_stops_at_the_end_of_a_turn(hf_parts, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # a base model's tokenizer: bytes and an end-of-text token, no chat template, no ChatML markers
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                                   merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path / "base")
+    config = omni_config(hf_parts, vision=None, audio=None)
+    model = OmniModel.from_config(replace(config, llm=replace(config.llm, tokenizer=str(tmp_path / "base"))))
+    tokenizer = model.tokenizer
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer("<|im_end|>", add_special_tokens=False).input_ids == [end_of_turn]  # one token, not 10 bytes
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert tokenizer.decode(tokenizer(turn, add_special_tokens=False).input_ids, skip_special_tokens=True) == "user\nhi\n"
+    assert model.llm.get_input_embeddings().num_embeddings >= len(tokenizer)
+    assert stop_token_ids(model, GenerationConfig()) == sorted([tokenizer.eos_token_id, end_of_turn])
+
+
+def test_right_padded_input_is_refused(omni_model):
+    batch = make_batch(omni_model, [{"text": "Hi"}, PROMPTS[2]], padding_side="right", generation=True)
+    with pytest.raises(ValueError, match=r"left-padded input, but attention_mask rows \[0\] end in padding: "
+                                         r"collate\(\.\.\., padding_side='left'\)"):
+        generate(omni_model, batch["input_ids"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_one_llm_call_per_new_token_computing_the_last_positions_logits_only(omni_model, use_cache):
+    batch = inputs(omni_model, PROMPTS[2:])
+    logits_widths = []
+    hook = omni_model.llm.register_forward_hook(lambda module, args, out: logits_widths.append(out.logits.shape[1]))
+    try:
+        completion = run(omni_model, batch, max_new_tokens=3, use_cache=use_cache)[0]
+        assert completion.finish_reason == "length" and logits_widths == [1, 1, 1]
+        assert run(omni_model, batch, max_new_tokens=0, use_cache=use_cache)[0].token_ids == []
+        assert len(logits_widths) == 3  # nothing to generate: no call at all
+    finally:
+        hook.remove()
 
 
 def test_stop_string_truncates_text_and_never_streams_it(omni_model):

@@ -169,6 +169,23 @@ def test_bad_audio_raises_one_error_type_per_kind(tmp_path):
         load_audio(tmp_path / "long.wav", max_seconds=2)
 
 
+@pytest.mark.parametrize("name, as_bytes", [("long.wav", False), ("long.wav", True), ("long.m4a", False)])
+def test_too_long_audio_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch, name, as_bytes):
+    import soundfile
+
+    from omniforge.processing import audio
+
+    path = write_audio(tmp_path / name, tone(3.0))
+
+    def decode(*args, **kwargs):
+        raise AssertionError("decoded audio that the header already shows too long")
+
+    monkeypatch.setattr(soundfile, "read", decode)  # wav: libsndfile
+    monkeypatch.setattr(audio, "decode_audio_stream", decode)  # m4a: FFmpeg
+    with pytest.raises(MediaTooLargeError, match="3 s of audio exceeds the limit of 2 s"):
+        load_audio(path.read_bytes() if as_bytes else path, max_seconds=2)
+
+
 # --------------------------------------------------------------------------- video
 
 def moving_square(n, width=64, height=48):

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 from dataclasses import replace
 
@@ -49,6 +50,20 @@ def test_vision_encoder_output_matches_formula(hf_parts, tile_size, pool):
     assert encoder.interpolate == (tile_size != 32)  # position embeddings interpolated off the native size
 
 
+def test_pooling_averages_every_patch(omni_model):
+    import torch.nn.functional as F
+
+    tower = omni_model.vision.tower
+    by_3 = VisionEncoder(tower, tile_size=48, pool=3)  # 6x6 patches -> 2x2 tokens
+    features = torch.zeros(1, 36, 32)
+    features[0, 0] = 9.0  # a corner patch: bilinear sampling at 3x reads rows and columns 1 and 4 only
+    torch.testing.assert_close(by_3.pool_grid(features)[0, :, 0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    by_2 = VisionEncoder(tower, tile_size=32, pool=2)  # 4x4 -> 2x2: bilinear as trained, the mean of each 2x2 block
+    features = torch.randn(2, 16, 32)
+    blocks = F.avg_pool2d(features.transpose(1, 2).reshape(2, 32, 4, 4), 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(by_2.pool_grid(features), blocks)
+
+
 @pytest.mark.parametrize("seconds", [0.3, 1.0, 2.0, 2.5, 4.7])
 def test_audio_encoder_output_matches_formula(omni_model, seconds):
     geometry = omni_model.audio.geometry  # 2-s windows in the tiny Whisper
@@ -93,6 +108,40 @@ def test_loads_every_supported_part_from_hf_folders(hf_parts, llm, vision, audio
     assert (model.vision is None) == (vision is None) and (model.audio is None) == (audio is None)
     if audio:
         assert model.audio.num_mel_bins == (128 if audio == "whisper128" else 80)
+
+
+def test_llm_checkpoint_without_every_tensor_in_its_shape_is_refused(hf_parts, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_LLM
+    from omniforge.model.loading import load_llm
+
+    folder = shutil.copytree(hf_parts / "qwen2", tmp_path / "qwen2")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.norm.weight"] = torch.ones(47)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"llm.path: {folder} does not fit the configured LLM: model.layers.1.mlp.up_proj.weight is missing; "
+            "model.norm.weight has shape (47,), the configured model expects (48,)")):
+        load_llm(str(folder), None, torch.float32, "sdpa")
+    # tied embeddings: no lm_head.weight is stored, and none is missing
+    tied = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **TINY_LLM, tie_word_embeddings=True))
+    tied.save_pretrained(tmp_path / "tied")
+    assert "lm_head.weight" not in load_file(tmp_path / "tied" / "model.safetensors")
+    llm = load_llm(str(tmp_path / "tied"), None, torch.float32, "sdpa")
+    assert llm.lm_head.weight is llm.get_input_embeddings().weight
+
+
+def test_llm_built_from_arch_ends_sequences_only_where_arch_says():
+    from omniforge.model.loading import load_llm
+
+    arch = dict(model_type="llama", vocab_size=272, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2)
+    # Llama's default eos id 2 is a byte of the byte-level tokenizer, not an end of sequence
+    assert load_llm(None, arch, torch.float32, "sdpa").generation_config.eos_token_id is None
+    assert load_llm(None, {**arch, "eos_token_id": 5}, torch.float32, "sdpa").generation_config.eos_token_id == 5
 
 
 def test_tower_weights_come_from_the_checkpoint(hf_parts):
@@ -299,6 +348,14 @@ def test_save_load_round_trip_gives_identical_logits(omni_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "adapters.safetensors", "audio", "config.yaml", "llm", "vision"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_adapter_of_another_shape_is_refused_naming_file_tensor_and_shapes(omni_model, tmp_path):
+    omni_model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path / 'ckpt' / 'adapters.safetensors'}: tensor audio_adapter.layers.0.bias has shape (48,), "
+            "the configured model expects (64,)")):
+        OmniModel.from_pretrained(tmp_path / "ckpt", ["audio_adapter.hidden_size=64"])
 
 
 def test_saved_llm_folder_is_a_plain_hf_causal_lm(omni_model, tmp_path):

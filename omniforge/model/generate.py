@@ -20,6 +20,7 @@ import torch
 
 from omniforge.config import require
 from omniforge.model.omni import OmniModel
+from omniforge.model.tokenizer import CHATML_END
 
 PICTURES = ("pixel_values", "pixel_values_videos")
 """The media arguments `GenerationConfig.contrast` blanks."""
@@ -88,9 +89,12 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
     config = config or GenerationConfig()
     tokenizer = model.tokenizer
     batch, device = input_ids.shape[0], input_ids.device  # every tensor of the loop lives where the logits do
+    if attention_mask is not None and not attention_mask[:, -1].all():
+        rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"generate needs left-padded input, but attention_mask rows {rows} end in padding: "
+                         "collate(..., padding_side='left')")
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
-    stop_ids = torch.tensor(sorted({tokenizer.eos_token_id, *config.stop_token_ids} - {None}), dtype=torch.long,
-                            device=device)
+    stop_ids = torch.tensor(stop_token_ids(model, config), dtype=torch.long, device=device)
     rng = None if config.seed is None else torch.Generator(device=device).manual_seed(config.seed)
     texts = [_TextState(config.stop) for _ in range(batch)]
     generated = torch.empty(batch, 0, dtype=torch.long, device=device)
@@ -107,10 +111,25 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
         prompt_embeds = torch.cat([prompt_embeds, model.embed(input_ids, **blank)])
         mask = mask.repeat(copies, 1)
     llm, embed_tokens = model.llm, model.llm.get_input_embeddings()
-    cache = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"  # 5.24 renamed it
+    parameters = inspect.signature(llm.forward).parameters
+    cache = "cache" if "cache" in parameters else "past_key_values"  # 5.24 renamed it
+    # only the last position's logits are used: the LM head skips the (L, vocab) rest of the prompt
+    last_logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = llm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=positions, use_cache=config.use_cache)
-    for _ in range(config.max_new_tokens):
+    for step in range(config.max_new_tokens):  # one LLM call per token: none after the last
+        if step == 0:
+            out = llm(inputs_embeds=prompt_embeds, attention_mask=mask, position_ids=positions,
+                      use_cache=config.use_cache, **last_logits)
+        else:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            if config.use_cache:
+                out = llm(input_ids=generated[:, -1:].repeat(copies, 1), attention_mask=mask, position_ids=positions,
+                          use_cache=True, **{cache: getattr(out, cache)})
+            else:
+                full = torch.cat([prompt_embeds, embed_tokens(generated.repeat(copies, 1))], dim=1)
+                out = llm(inputs_embeds=full, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                          use_cache=False, **last_logits)
         logits = out.logits[:, -1].float()
         if contrast:
             logits = contrasted(logits[:batch], logits[batch:], config)
@@ -134,15 +153,6 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
         yield deltas
         if finished.all():
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        if config.use_cache:
-            out = llm(input_ids=token[:, None].repeat(copies, 1), attention_mask=mask, position_ids=positions,
-                      use_cache=True, **{cache: getattr(out, cache)})
-        else:
-            full = torch.cat([prompt_embeds, embed_tokens(generated.repeat(copies, 1))], dim=1)
-            out = llm(inputs_embeds=full, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                      use_cache=False)
     else:  # out of budget: release text held back as a possible start of a stop string
         yield ["" if finished[i] else texts[i].update(tokenizer, generated[i].tolist(), final=True)[0]
                for i in range(batch)]
@@ -151,6 +161,17 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
             ids = generated[i].tolist()
             keep = texts[i].token_count if reasons[i] == "stop" else len(ids)
             completions.append(Completion(texts[i].emitted, ids[:keep], reasons[i]))
+
+
+def stop_token_ids(model: OmniModel, config: GenerationConfig) -> list[int]:
+    """Ids that end a sequence: the tokenizer's end-of-sequence token, the LLM's own (its generation
+    config: an instruct model may end turns with a token that is not the tokenizer's eos), ChatML's
+    end of turn when the vocabulary has it, and `config.stop_token_ids`."""
+    tokenizer = model.tokenizer
+    llm_eos = getattr(getattr(model.llm, "generation_config", None), "eos_token_id", None)
+    llm_ids = [llm_eos] if isinstance(llm_eos, int) else list(llm_eos or [])
+    ids = {tokenizer.eos_token_id, tokenizer.get_vocab().get(CHATML_END), *llm_ids, *config.stop_token_ids}
+    return sorted(ids - {None})
 
 
 def generate(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -57,11 +57,32 @@ def load_llm(path: str | None, arch: dict[str, Any] | None, dtype: torch.dtype, 
     if attention == packed.NAME:
         packed.register()
     if path is not None and weights:
-        return AutoModelForCausalLM.from_pretrained(
-            hf_folder(path, "llm.path"), dtype=dtype, local_files_only=True, attn_implementation=attention
+        folder = hf_folder(path, "llm.path")
+        # mismatched shapes are reported in the loading info (below, by name) instead of a RuntimeError
+        # that points at a log TRANSFORMERS_VERBOSITY=error hides
+        llm, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, attn_implementation=attention,
+            output_loading_info=True, ignore_mismatched_sizes=True,
         )
+        _check_loading_info(info, folder)
+        return llm
     config = hf_config(path, arch, "llm")
-    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    llm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    if path is None and "eos_token_id" not in arch:
+        # the architecture's default id (Llama's 2) names no token of the tokenizer chosen beside it;
+        # generation would stop on an ordinary token
+        llm.generation_config.eos_token_id = None
+    return llm
+
+
+def _check_loading_info(info: dict[str, Any], folder: Path) -> None:
+    """Refuse an LLM checkpoint that leaves tensors randomly initialised (missing, or of another shape)."""
+    problems = [f"{name} is missing" for name in sorted(info["missing_keys"])]
+    problems += [f"{name} has shape {tuple(stored)}, the configured model expects {tuple(expected)}"
+                 for name, stored, expected in sorted(info["mismatched_keys"], key=lambda m: m[0])]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"llm.path: {folder} does not fit the configured LLM: {'; '.join(problems[:3])}{more}")
 
 
 def build_tower(model_cls: type[nn.Module] | None, config: Any, path: str | None, dtype: torch.dtype,

@@ -90,13 +90,18 @@ class OmniModel(nn.Module):
         from safetensors.torch import load_file
 
         adapters = load_file(folder / ADAPTERS_FILE) if (folder / ADAPTERS_FILE).is_file() else {}
-        expected = {k for k in model.state_dict() if k.split(".")[0].endswith("_adapter")}
+        state = model.state_dict()
+        expected = {k for k in state if k.split(".")[0].endswith("_adapter")}
         if set(adapters) != expected:
             raise CheckpointError(f"{folder / ADAPTERS_FILE}: holds {sorted(adapters)[:4]}..., "
                                   f"the configured model expects {sorted(expected)[:4]}...")
         key = "vision_adapter.positions"
         if key in adapters and adapters[key].shape != model.vision_adapter.positions.shape:
             adapters[key] = _resize_grid(adapters[key], len(model.vision_adapter.positions))
+        for name, tensor in sorted(adapters.items()):
+            if tensor.shape != state[name].shape:
+                raise CheckpointError(f"{folder / ADAPTERS_FILE}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                      f"the configured model expects {tuple(state[name].shape)}")
         model.load_state_dict(adapters, strict=False)
         return model
 

@@ -15,6 +15,11 @@ CHATML_TEMPLATE = (
 )
 """ChatML, the default chat template for tokenizers that bring none."""
 
+CHATML_END = "<|im_end|>"
+"""Ends every ChatML turn, so generation stops at it."""
+CHATML_MARKERS = ("<|im_start|>", CHATML_END)
+"""The tokens ChatML frames turns with."""
+
 
 def load_tokenizer(config: LLMConfig, tokens: SpecialTokens):
     """The tokenizer named by `llm.tokenizer` (default: the LLM folder), with `tokens` added."""
@@ -29,14 +34,16 @@ def load_tokenizer(config: LLMConfig, tokens: SpecialTokens):
         if not folder.is_dir():
             raise ConfigError(f"{key}: {folder} is not a folder (a local tokenizer folder, or {BYTE_LEVEL!r})")
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    missing = [t for t in tokens.all() if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing},
-                                     replace_extra_special_tokens=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    added = [t for t in tokens.all() if t not in tokenizer.get_vocab()]
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
+        # each marker one special token: as ordinary text <|im_end|> is a run of byte tokens that
+        # generation never stops at. New ids grow the LLM's embeddings (OmniModel.__init__ resizes them).
+        added += [t for t in CHATML_MARKERS if t not in tokenizer.all_special_tokens]
+    if added:
+        tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Vision encoder: a Hugging Face vision transformer plus bilinear pooling of its patch grid."""
+"""Vision encoder: a Hugging Face vision transformer plus pooling of its patch grid."""
 
 from __future__ import annotations
 
@@ -56,10 +56,21 @@ class VisionEncoder(nn.Module):
         return self.pool_grid(features)
 
     def pool_grid(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, grid², D) -> (N, ceil(grid/pool)², D) by bilinear interpolation of the 2-D grid."""
+        """(N, grid², D) -> (N, ceil(grid/pool)², D): every patch counts towards the token over it.
+
+        pool 2 interpolates bilinearly, which on an even grid is the mean of each 2x2 block (the
+        weights are all 1/2), as checkpoints were trained. From 3 on bilinear would read only the one
+        or two rows and columns nearest each sample point and skip the rest, so larger pools average
+        each (about) pool x pool block instead.
+        """
         if self.pool == 1:
             return features
-        return resize_token_grid(features, pooled_grid(self.grid, self.pool))
+        side = pooled_grid(self.grid, self.pool)
+        if self.pool == 2:
+            return resize_token_grid(features, side)
+        n, _, d = features.shape
+        grid = features.transpose(1, 2).reshape(n, d, self.grid, self.grid)
+        return F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)
 
 
 def resize_token_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:

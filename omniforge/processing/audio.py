@@ -34,15 +34,16 @@ def load_audio(source, sample_rate: int = SAMPLE_RATE, max_seconds: float = MAX_
     """
     stream = media_source(source, "audio")
     try:
-        waveform, rate = _decode_soundfile(stream)
+        waveform, rate = _decode_soundfile(stream, source, max_seconds)
+    except MediaTooLargeError:
+        raise
     except Exception:  # noqa: BLE001  (not a libsndfile format: let FFmpeg try)
         if isinstance(stream, io.BytesIO):
             stream.seek(0)
-        waveform, rate = _decode_av(stream, source)
+        waveform, rate = _decode_av(stream, source, max_seconds)
     if waveform.size == 0:
         raise EmptyMediaError(source, "audio has no samples")
-    if waveform.shape[0] > max_seconds * rate:
-        raise MediaTooLargeError(source, f"{waveform.shape[0] / rate:.0f} s of audio exceeds the limit of {max_seconds:.0f} s")
+    _check_seconds(source, waveform.shape[0] / rate, max_seconds)  # for a header that states no length, or a wrong one
     mono = waveform.mean(axis=1) if waveform.ndim == 2 else waveform
     if not np.isfinite(mono).all():
         raise UnreadableMediaError(source, "audio holds NaN or infinite samples")
@@ -59,27 +60,51 @@ def resample(waveform: np.ndarray, rate: int, target: int) -> np.ndarray:
     return resample_poly(waveform, target // g, rate // g).astype(np.float32)
 
 
-def _decode_soundfile(stream) -> tuple[np.ndarray, int]:
+def _check_seconds(source, seconds: float, max_seconds: float) -> None:
+    if seconds > max_seconds:
+        raise MediaTooLargeError(source, f"{seconds:.0f} s of audio exceeds the limit of {max_seconds:.0f} s")
+
+
+def _decode_soundfile(stream, source, max_seconds: float) -> tuple[np.ndarray, int]:
     import soundfile
 
+    info = soundfile.info(stream)
+    _check_seconds(source, info.frames / info.samplerate, max_seconds)  # before decoding it all into memory
+    if isinstance(stream, io.BytesIO):
+        stream.seek(0)
     waveform, rate = soundfile.read(stream, dtype="float32", always_2d=True)
     return waveform, rate
 
 
-def _decode_av(stream, source) -> tuple[np.ndarray, int]:
+def _decode_av(stream, source, max_seconds: float) -> tuple[np.ndarray, int]:
     import av
 
     try:
         with av.open(stream) as container:
             if not container.streams.audio:
                 raise UnsupportedMediaError(source, "no audio stream in the file")
-            return decode_audio_stream(container, container.streams.audio[0]), SAMPLE_RATE
-    except UnsupportedMediaError:
+            audio = container.streams.audio[0]
+            seconds = _stated_seconds(container, audio)
+            if seconds is not None:
+                _check_seconds(source, seconds, max_seconds)  # before decoding it all into memory
+            return decode_audio_stream(container, audio), SAMPLE_RATE
+    except (UnsupportedMediaError, MediaTooLargeError):
         raise
     except av.error.InvalidDataError:
         raise UnsupportedMediaError(source, "not an audio format FFmpeg can decode") from None
     except (av.error.FFmpegError, ValueError) as e:
         raise UnreadableMediaError(source, f"corrupt or truncated audio ({e})") from None
+
+
+def _stated_seconds(container, stream) -> float | None:
+    """The length the container's header gives the audio stream (or the whole file); None if none."""
+    import av
+
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
 
 
 def decode_audio_stream(container, stream) -> np.ndarray:

@@ -106,6 +106,8 @@ class OmniProcessor:
         media = {m: list((media or {}).get(m, [])) for m in MODALITIES}
         tokens = self.config.tokens
         _check_messages(messages, where)
+        if system is not None and not isinstance(system, str):
+            raise ConversationError(f"{where}.system: expected a string or null, got {type(system).__name__}")
         for modality in MODALITIES:
             placeholder = getattr(tokens, modality)
             found = sum(str(m["content"] or "").count(placeholder) for m in messages)
@@ -115,8 +117,7 @@ class OmniProcessor:
                     f"{len(media[modality])} {modality}(s) given"))
             if system and placeholder in system:
                 raise ConversationError(f"{where}.system: holds {placeholder}; media placeholders belong in messages")
-        items = {m: [self._load(m, src, f"{where}.{m}s[{i}]") for i, src in enumerate(media[m])] for m in MODALITIES}
-        data_type = next((m for m in ("video", "image", "audio") if items[m]), "text")
+        data_type = next((m for m in ("video", "image", "audio") if media[m]), "text")
         if system is None:
             system = self.config.chat.system_prompt(data_type)
         rendered = [{"role": "system", "content": system}] if system else []
@@ -130,6 +131,14 @@ class OmniProcessor:
             rendered.append({"role": message["role"], "content": content})
         text, spans = self._render(rendered, add_generation_prompt, where)
         ids, labels = self._tokenize(text, spans)
+        for modality in MODALITIES:  # a chat template or a 'background' state may drop text that held some
+            kept = ids.count(self.placeholder_ids[modality])
+            if kept != len(media[modality]):
+                raise PlaceholderCountError(modality, expected=len(media[modality]), got=kept, message=(
+                    f"{where}: {kept} {getattr(tokens, modality)} placeholder(s) in the rendered conversation but "
+                    f"{len(media[modality])} {modality}(s) given; text the chat drops (such as the answer of a "
+                    "'background' assistant turn) cannot hold placeholders"))
+        items = {m: [self._load(m, src, f"{where}.{m}s[{i}]") for i, src in enumerate(media[m])] for m in MODALITIES}
         ordered = _in_text_order(ids, self.placeholder_ids, items)
         return Encoded(*self._expand(ids, labels, ordered), media=ordered, data_type=data_type)
 
@@ -253,14 +262,17 @@ def record_media(record: dict[str, Any], base_dir: str | Path | None = None,
         items = record.get(modality + "s", []) or []
         if not isinstance(items, list):
             raise ConversationError(f"{where}.{modality}s: expected a list of paths")
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise ConversationError(f"{where}.{modality}s[{i}]: expected a file path (a string), got {item!r:.40}")
         media[modality] = [_resolve(x, base_dir) for x in items]
     return media
 
 
-def _resolve(source, base_dir):
-    if isinstance(source, str) and base_dir is not None and not Path(source).is_absolute():
-        return str(Path(base_dir) / source)
-    return source
+def _resolve(path: str, base_dir) -> str:
+    if base_dir is not None and not Path(path).is_absolute():
+        return str(Path(base_dir) / path)
+    return path
 
 
 def _openai_part(part: Any, where: str) -> tuple[str, Any]:
