@@ -38,8 +38,7 @@ class AudioEncoder(nn.Module):
         self.register_buffer("ctc_weight", None if ctc_head is None else ctc_head[0])
         self.register_buffer("ctc_bias", None if ctc_head is None else ctc_head[1])
         self.num_mel_bins = int(config.num_mel_bins)
-        self.geometry = AudioGeometry(window_frames=int(config.max_source_positions) * ENCODER_STRIDE,
-                                      stack=round(50 / tokens_per_second))
+        self.geometry = AudioGeometry.from_whisper(int(config.max_source_positions), tokens_per_second)
         self.hidden_size = int(config.d_model) * self.geometry.stack
         # trimmed lengths are whole tokens: a multiple of ENCODER_STRIDE · stack mel frames
         step = ENCODER_STRIDE * self.geometry.stack

@@ -40,6 +40,13 @@ class AudioGeometry:
     stack: int
     """Consecutive encoder frames concatenated into one token (4: 50 -> 12.5 tokens/s)."""
 
+    @classmethod
+    def from_whisper(cls, max_source_positions: int, tokens_per_second: float) -> "AudioGeometry":
+        """A Whisper encoder's geometry: its window is `max_source_positions` encoder frames (1500:
+        30 s), each ENCODER_STRIDE mel frames, stacked to `tokens_per_second` tokens a second."""
+        encoder_frames_per_second = SAMPLE_RATE / HOP_LENGTH / ENCODER_STRIDE
+        return cls(max_source_positions * ENCODER_STRIDE, stack=round(encoder_frames_per_second / tokens_per_second))
+
     @property
     def window_samples(self) -> int:
         return self.window_frames * HOP_LENGTH

@@ -48,8 +48,8 @@ def media_kind(file: str | Path, default: str | None = None) -> str:
                          f"(images {sorted(IMAGE_EXTS)}, videos {sorted(VIDEO_EXTS)}, audio {sorted(AUDIO_EXTS)})")
 
 
-WHISPER_WINDOW_FRAMES = 3000
-"""Whisper's 30-s window, used when no audio tower config is at hand."""
+WHISPER_SOURCE_POSITIONS = 1500
+"""Encoder frames in Whisper's 30-s window, used when no audio tower config is at hand."""
 
 
 @dataclass
@@ -93,10 +93,10 @@ class MediaProcessor:
                                                      v.min_tiles, v.max_tiles)
         if config.audio is not None:
             whisper = _tower_config(config.audio.path, config.audio.arch, "audio")
-            window = 2 * whisper.max_source_positions if whisper is not None else WHISPER_WINDOW_FRAMES
+            positions = whisper.max_source_positions if whisper is not None else WHISPER_SOURCE_POSITIONS
             bins = whisper.num_mel_bins if whisper is not None else 128
-            geometry = AudioGeometry(window, stack=round(50 / config.audio.tokens_per_second))
-            audio = AudioProcessor(bins, window)
+            geometry = AudioGeometry.from_whisper(positions, config.audio.tokens_per_second)
+            audio = AudioProcessor(bins, geometry.window_frames)
         return cls(image, per_tile, config.video, audio, geometry)
 
     # ------------------------------------------------------------------ one item each
