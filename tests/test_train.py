@@ -2,12 +2,16 @@
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,6 +25,7 @@ from omniforge.files import atomic_folder
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
 from omniforge.train.components import component_of, configure_stage, merge_lora, param_groups
+from omniforge.train.distributed import Distributed
 from omniforge.train.evaluate import Evaluator
 from omniforge.train.recipe import DatasetSpec, EvalSpec, LoraSpec, StageConfig, load_recipe
 
@@ -89,10 +94,16 @@ def test_shipped_7b_recipe_follows_the_papers_phases():
     (["stages.0.components.vision_adapter=lora"], "LoRA applies to towers and the LLM"),
     (["train.precision=fp8"], "train.precision: expected one of"),
     (["model.vision.pool=0"], "vision.pool: must be >= 1"),
+    (["stages.0.warmup_steps=3"], "stages[0].warmup_steps: must be <= steps (2), got 3"),
+    (["train.lora.r=0"], "train.lora.r: must be >= 1"),
+    (["train.lora.alpha=0"], "train.lora.alpha: must be > 0"),
+    (["train.lora.dropout=1"], "train.lora.dropout: must be within [0, 1)"),
+    (["train.weight_decay=-0.1"], "train.weight_decay: must be >= 0"),
+    (["train.max_grad_norm=-1"], "train.max_grad_norm: must be >= 0"),
 ])
 def test_recipe_errors_name_the_key(tmp_path, dataset, override, message):
     path = write_recipe(tmp_path, dataset, [{"name": "a", "steps": 2, "batch_tokens": 512}])
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_recipe(path, override)
 
 
@@ -119,6 +130,22 @@ def test_a_data_dir_override_is_relative_to_the_working_directory(tmp_path, data
     assert recipe.stages[0].data[0].path == str(dataset.absolute())
 
 
+def test_data_paths_are_absolute_however_the_recipe_path_is_spelled(tmp_path, dataset, monkeypatch):
+    path = write_recipe(tmp_path / "recipes", dataset, [{"name": "a", "steps": 2, "batch_tokens": 512}])
+    path.write_text(path.read_text().replace(str(dataset), "data.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(Path("recipes/recipe.yaml")).stages[0].data[0].path == str(tmp_path / "recipes" / "data.jsonl")
+
+
+def test_stages_read_a_file_they_share_each_in_an_order_of_its_own(tmp_path, dataset):
+    recipe = load_recipe(write_recipe(tmp_path, dataset, STAGES))  # the same file, first in both stages
+    records = len(JsonlConversations(dataset))
+    orders = [list(islice(open_mixture(s.data, recipe.stage_seed(s)).order(), records)) for s in recipe.stages]
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])  # one epoch each, shuffled apart
+    alone = load_recipe(write_recipe(tmp_path / "alone", dataset, STAGES[1:]))
+    assert alone.stage_seed(alone.stages[0]) == recipe.stage_seed(recipe.stages[1])  # by name, not place
+
+
 # --------------------------------------------------------------------------- trainability
 
 def test_components_are_resolved_by_module_path_not_substring():
@@ -141,6 +168,19 @@ def test_stage_freezes_exactly_the_components_it_does_not_name(dataset):
     groups = param_groups(model, stage, weight_decay=0.1)
     assert {g["component"]: g["lr"] for g in groups} == {"vision_adapter": 1e-3, "audio_tower": 1e-4}
     assert all(g["weight_decay"] == 0 for g in groups if all(p.ndim == 1 for p in g["params"]))
+
+
+def test_a_stage_that_would_train_nothing_it_names_is_an_error(dataset):
+    frozen = StageConfig(name="s", data=[DatasetSpec(str(dataset))], steps=1, batch_size=1)
+    with pytest.raises(ConfigError, match="stages.s.components: nothing to train"):
+        configure_stage(OmniModel.from_config(load_config(TINY_MODEL)), frozen, LoraSpec())
+    config = load_config(TINY_MODEL)
+    config.audio = None
+    deaf = OmniModel.from_config(config)
+    audio = StageConfig(name="s", data=[DatasetSpec(str(dataset))], steps=1, batch_size=1,
+                        components={"vision_adapter": "full", "audio_adapter": "full"})
+    with pytest.raises(ConfigError, match="stages.s.components.audio_adapter: full, but the model has no audio_adapter"):
+        configure_stage(deaf, audio, LoraSpec())
 
 
 def test_lora_trains_adapters_only_and_merges_into_the_weights(tiny, dataset):
@@ -232,8 +272,30 @@ def test_corrupt_samples_are_skipped_and_counted(tiny, dataset, tmp_path):
     stream = SampleStream(Mixture([JsonlConversations(bad)], [1.0], seed=0), processor, warn=lambda _: None)
     samples = [s for _, s in zip(range(8), stream)]
     assert len(samples) == 8  # 2 good records an epoch: 4 epochs, each with 3 bad lines (2 unparseable)
-    assert set(stream.skipped) == {"ConversationError", "UnreadableMediaError"}
-    assert 6 <= stream.skipped["ConversationError"] <= 8 and 3 <= stream.skipped["UnreadableMediaError"] <= 4
+    assert set(stream.skipped) == {"bad.jsonl: ConversationError", "bad.jsonl: UnreadableMediaError"}
+    assert 6 <= stream.skipped["bad.jsonl: ConversationError"] <= 8
+    assert 3 <= stream.skipped["bad.jsonl: UnreadableMediaError"] <= 4
+
+
+def test_a_record_that_crashes_processing_is_skipped_naming_its_file(tiny, dataset, tmp_path, monkeypatch):
+    _, processor = tiny
+    odd = dataset.parent / "odd.jsonl"  # beside the media the good records name
+    good = dataset.read_text().splitlines()[:2]
+    odd.write_text("\n".join([good[0], json.dumps({"messages": [{"role": "user", "content": "hi"}], "system": 5}),
+                              good[1]]) + "\n")
+    encode = processor.encode_record
+
+    def encode_as_unhardened_code_does(record, base_dir=None, where="sample"):
+        if not isinstance(record.get("system", ""), str):
+            return "" + record["system"]  # TypeError, which names no file
+        return encode(record, base_dir, where)
+
+    monkeypatch.setattr(processor, "encode_record", encode_as_unhardened_code_does)
+    said = []
+    stream = SampleStream(Mixture([JsonlConversations(odd)], [1.0], seed=0), processor, warn=said.append)
+    assert len([s for _, s in zip(range(4), stream)]) == 4  # the two good records, twice
+    assert stream.skipped == {"odd.jsonl: TypeError": 2}
+    assert said[0].startswith("skipped odd.jsonl[1]: TypeError: can only concatenate str")
 
 
 def test_training_evals_skip_and_report_bad_records(tiny, dataset):
@@ -281,8 +343,16 @@ def test_data_where_every_sample_fails_raises_instead_of_looping(tiny, dataset, 
     bad = tmp_path / "all_bad.jsonl"
     bad.write_text("{not json\n" * 3)
     stream = SampleStream(Mixture([JsonlConversations(bad)], [1.0], seed=0), processor, warn=lambda _: None)
-    with pytest.raises(DataError, match="the last 3 samples all failed to load.*all_bad.jsonl: record"):
+    with pytest.raises(DataError, match=r"all_bad.jsonl: its last 50 samples read all failed to load .*"
+                                        r"'all_bad.jsonl: ConversationError': 50.*all_bad.jsonl\[\d\]: invalid JSON"):
         next(stream)
+    moved = dataset.parent / "moved.jsonl"  # most of the mixture, its media folder gone
+    moved.write_text(json.dumps({"messages": [{"role": "user", "content": "<image>"}], "images": ["gone.png"]}) + "\n")
+    mixture = Mixture([JsonlConversations(moved), JsonlConversations(dataset)], [3.0, 1.0], seed=0)
+    stream = SampleStream(mixture, processor, warn=lambda _: None)
+    with pytest.raises(DataError, match="moved.jsonl: its last 50 samples read all failed to load"):
+        for _ in islice(stream, 1000):  # the other dataset's samples load all along
+            pass
     mixture = open_mixture([DatasetSpec(str(dataset))], seed=0)
     with pytest.raises(SampleTooLongError, match="samples were all too long"):
         next(PackedBatches(SampleStream(mixture, processor), processor, budget=50, skip_long=True))
@@ -320,7 +390,7 @@ def test_samples_longer_than_the_budget_fail_or_are_skipped(tiny, dataset):
     stream = SampleStream(mixture, processor)
     batches = PackedBatches(stream, processor, budget=200, skip_long=True)  # samples: 74 to 209 tokens
     assert all(next(batches).tokens <= 200 for _ in range(6))
-    assert stream.skipped["SampleTooLong"] > 0
+    assert stream.skipped[f"{dataset.name}: SampleTooLong"] > 0
 
 
 def test_padded_batches(tiny, dataset):
@@ -389,6 +459,74 @@ def test_dry_run_prints_tables_and_budgets(tmp_path, dataset):
     assert "token budget:" in by_epochs.stdout.split("== stage all")[1]
 
 
+def test_dry_run_counts_a_stage_after_a_lora_stage_on_merged_weights(tmp_path, dataset):
+    from omniforge.train.plan import dry_run
+
+    full = {"name": "full", "components": {"llm": "full"}, "steps": 2, "batch_size": 2}
+    report = dry_run(load_recipe(write_recipe(tmp_path, dataset, [STAGES[1], full])))
+    rows = [line.replace(",", "").split()[1:4] for line in report.splitlines() if line.split()[:1] == ["llm"]]
+    assert [mode for mode, *_ in rows] == ["lora", "full"]  # llm MODE PARAMS TRAINABLE, a row a stage
+    (lora_params, lora_trainable), (params, trainable) = [map(int, counts) for _, *counts in rows]
+    assert 0 < lora_trainable < lora_params
+    assert params == trainable == lora_params  # the adapters merged into the weights, not counted again
+
+
+def test_a_missing_data_file_fails_before_any_stage_trains(tmp_path, dataset):
+    from omniforge.train.loop import train
+
+    path = write_recipe(tmp_path, dataset, STAGES)
+    recipe = load_recipe(path, [f"stages.1.data.0.path={tmp_path / 'gone.jsonl'}"])
+    with pytest.raises(ConfigError, match=r"stages.all.data\[0\].path: .*gone.jsonl is not a file"):
+        train(recipe)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_stage_starts_from_its_own_rng_state_whatever_ran_before(tmp_path, dataset, tiny, monkeypatch):
+    from omniforge.train import loop
+
+    model, processor = tiny
+    recipe = load_recipe(write_recipe(tmp_path, dataset, STAGES))
+    draws = []
+
+    class Started(Exception):
+        pass
+
+    def draw_then_stop(*_):  # what LoRA initialisation would draw
+        draws.append((random.random(), np.random.rand(), torch.rand(1).item()))
+        raise Started
+
+    monkeypatch.setattr(loop, "configure_stage", draw_then_stop)
+    for earlier in (1, 2):  # the RNG states the stages before (or none) may leave
+        random.seed(earlier)
+        np.random.seed(earlier)
+        torch.manual_seed(earlier)
+        with pytest.raises(Started):
+            loop.run_stage(recipe, recipe.stages[1], model, processor, None, Distributed(), loop._Log(tmp_path, False), None)
+    assert draws[0] == draws[1]
+
+
+def test_a_torn_metrics_line_breaks_neither_the_plot_nor_the_run(tmp_path, monkeypatch):
+    from omniforge.train import loop, plots
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"stage": "a", "step": i, "loss": 1.0 / i}) for i in (1, 2)]
+    metrics.write_text("\n".join(lines) + '\n{"stage": "a", "st')  # killed mid-write
+    log = loop._Log(tmp_path, True)  # the run that resumes
+    said = []
+    log.print = said.append
+    log.evals("a", 2, {"qa": 50.0})
+    log.plot()
+    assert json.loads(metrics.read_text().splitlines()[-1]) == {"stage": "a", "step": 2, "eval": {"qa": 50.0}}
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and not [m for m in said if "warning" in m]
+
+    def fail(*_):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(plots, "plot_losses", fail)
+    log.plot()
+    assert said[-1] == f"warning: {tmp_path / 'loss.png'} not drawn (RuntimeError: no display)"
+
+
 def _weights(folder: Path) -> dict:
     return OmniModel.from_pretrained(folder).state_dict()
 
@@ -433,6 +571,43 @@ def test_resume_goes_on_after_a_stage_that_finished_since_the_last_checkpoint(tm
     assert "other settings of steps; running all again" in edited.stdout  # the export, then its checkpoint:
     assert "other settings of steps; starting stage all again" in edited.stdout
     assert [r["step"] for r in metrics(tmp_path / "run") if "loss" in r][-4:] == [6, 1, 2, 3]  # only all, anew
+
+
+def test_resume_goes_on_from_the_first_stage_whose_export_the_recipe_no_longer_matches(tmp_path, dataset, monkeypatch):
+    from omniforge.train import loop
+
+    path = write_recipe(tmp_path, dataset, STAGES)
+    path.write_text(path.read_text().replace(str(dataset), os.path.relpath(dataset, tmp_path)))
+    recipe = load_recipe(path)
+    align, everything = recipe.stages
+    out = tmp_path / "run"
+
+    def export(stage, at):
+        record = out / "stages" / stage.name / "stage.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(loop._settings(recipe, stage)))
+        os.utime(record, (at, at))
+
+    export(align, 100.0)
+    checkpoint = {"stage": "all", "settings": loop._settings(recipe, everything), "written": 200.0, "folder": "ckpt"}
+    log = loop._Log(out, False)
+
+    def resume(*overrides, spelled=path):
+        edited = load_recipe(spelled, list(overrides))
+        stages, state = loop._resume_point(edited, edited.stages, checkpoint, out, log)
+        return [s.name for s in stages], state is checkpoint
+
+    assert resume() == (["all"], True)
+    monkeypatch.chdir(tmp_path)
+    assert resume(spelled=Path("recipe.yaml")) == (["all"], True)  # the same data, however the recipe is named
+    assert resume("stages.1.eval_every=2", "train.checkpoint_every=7") == (["all"], True)  # no weight changes
+    assert resume("stages.0.lr.default=0.1") == (["align", "all"], False)  # all's checkpoint built on another align
+    assert resume("train.weight_decay=0.1") == (["align", "all"], False)
+    assert resume("train.lora.r=4") == (["all"], False)  # LoRA settings shape only stage all's weights
+    export(align, 300.0)  # align ran again after the checkpoint, which goes on from the align before
+    assert resume() == (["all"], False)
+    export(everything, 400.0)
+    assert resume() == ([], False)
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

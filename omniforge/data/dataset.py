@@ -3,7 +3,8 @@
 The stream is a pure function of (datasets, weights, seed): position p always names the same
 record, so resuming is "start at position p" and nothing is decoded to get there. Each dataset
 is read in a fresh seeded permutation per epoch. A sample that fails to load (corrupt media,
-placeholder mismatch, bad record) is skipped and counted, never a crash of the run.
+placeholder mismatch, bad record) is skipped and counted, never a crash of the run; a dataset
+whose samples keep failing is an error.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class JsonlConversations:
         try:
             return json.loads(line)
         except ValueError as e:  # bad JSON, or bytes that are not UTF-8
-            raise ConversationError(f"{self.path}: record {index}: invalid JSON ({getattr(e, 'msg', e)})") from None
+            raise ConversationError(f"{self.path}[{index}]: invalid JSON ({getattr(e, 'msg', e)})") from None
 
     def where(self, index: int) -> str:
         return f"{self.path.name}[{index}]"
@@ -101,14 +102,30 @@ class Positioned:
 
     position: int
     sample: Encoded
+    file: str
+    """The name of the dataset file it came from."""
+    where: str
+    """Its record, e.g. `ocr.jsonl[12]`."""
+
+
+RECORD_ERRORS = (OmniforgeError, TypeError, KeyError, AttributeError, ValueError, IndexError)
+"""What loading one record may raise: omniforge's errors, and, as a safety net, the errors a field
+of an unexpected type or shape raises in code that indexes, calls and converts it."""
 
 
 class SampleStream:
     """Encoded samples of a mixture for one process: positions p with p % world == rank.
 
-    Samples that fail to load are skipped; `skipped` counts them by reason. As many failures in
-    a row as the mixture has records raise `DataError` (the data is broken, not a few samples).
+    Samples that fail to load are skipped; `skipped` counts them by file and reason
+    (`ocr.jsonl: UnreadableMediaError`). A dataset whose last `FAILING_IN_A_ROW` samples read
+    all failed raises `DataError`: its data is broken (a media folder moved, another format),
+    not a few samples, and the run would otherwise go on with the other datasets alone.
     """
+
+    FAILING_IN_A_ROW = 50
+    """Reads are in shuffled order: a dataset that loads half of its samples fails 50 in a row with
+    a chance of about 2**-50."""
+    WARNINGS_PER_FILE = 5
 
     def __init__(self, mixture: Mixture, processor: OmniProcessor, start: int = 0, rank: int = 0, world: int = 1,
                  warn=print):
@@ -123,28 +140,37 @@ class SampleStream:
     def __next__(self) -> Positioned:
         return next(self._iter)
 
+    def count_skip(self, file: str, reason: str) -> None:
+        self.skipped[f"{file}: {reason}"] += 1
+
     def _samples(self, start: int) -> Iterator[Positioned]:
         first = start + (self.rank - start) % self.world  # the first position of this rank's shard
         order = self.mixture.order(first)
-        position, failing = first, 0
+        position = first
+        failing = [0] * len(self.mixture.datasets)  # per dataset: its latest reads that all failed
+        warned: Counter[str] = Counter()
         for d, index in order:
             if (position - self.rank) % self.world == 0:
                 dataset = self.mixture.datasets[d]
+                file, where = dataset.path.name, dataset.where(index)
                 try:
                     record = dataset.record(index)
-                    sample = self.processor.encode_record(record, base_dir=dataset.path.parent,
-                                                          where=dataset.where(index))
-                except OmniforgeError as e:
-                    self.skipped[type(e).__name__] += 1
-                    if sum(self.skipped.values()) <= 5:
-                        self.warn(f"skipped {e}")
-                    failing += 1
-                    if failing >= self.mixture.size:
-                        raise DataError(f"the last {failing} samples all failed to load (skipped so far: "
-                                        f"{dict(self.skipped)}); the latest: {e}") from None
+                    sample = self.processor.encode_record(record, base_dir=dataset.path.parent, where=where)
+                except RECORD_ERRORS as e:
+                    reason = str(e) if isinstance(e, OmniforgeError) else f"{type(e).__name__}: {e}"
+                    reason = reason if where in reason else f"{where}: {reason}"
+                    self.count_skip(file, type(e).__name__)
+                    warned[file] += 1
+                    if warned[file] <= self.WARNINGS_PER_FILE:
+                        self.warn(f"skipped {reason}")
+                    failing[d] += 1
+                    if failing[d] >= self.FAILING_IN_A_ROW:
+                        counts = {k: v for k, v in self.skipped.items() if k.startswith(f"{file}: ")}
+                        raise DataError(f"{dataset.path}: its last {failing[d]} samples read all failed to load "
+                                        f"(skipped so far: {counts}); the latest: {reason}") from None
                 else:
-                    failing = 0
-                    yield Positioned(position, sample)
+                    failing[d] = 0
+                    yield Positioned(position, sample, file, where)
             position += 1
 
 

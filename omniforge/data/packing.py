@@ -87,12 +87,12 @@ class PackedBatches:
         for item in self.stream:
             if len(item.sample) <= self.budget:
                 return item
-            message = (f"sample at stream position {item.position} has {len(item.sample)} tokens, more than the "
-                       f"packing budget of {self.budget} (raise batch_tokens, lower max_tiles, or set "
+            message = (f"sample {item.where} (stream position {item.position}) has {len(item.sample)} tokens, more "
+                       f"than the packing budget of {self.budget} (raise batch_tokens, lower max_tiles, or set "
                        f"train.skip_long_samples)")
             if not self.skip_long:
                 raise SampleTooLongError(message)
-            self.stream.skipped["SampleTooLong"] += 1
+            self.stream.count_skip(item.file, "SampleTooLong")
             too_long += 1
             if too_long >= self.stream.mixture.size:
                 raise SampleTooLongError(f"the last {too_long} samples were all too long; the latest: {message}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from omniforge.errors import ConfigError
 from omniforge.train.recipe import COMPONENTS, MODULE_OF, LoraSpec, StageConfig
 
 PREFIXES = sorted(((MODULE_OF[c] + ".", c) for c in COMPONENTS), key=lambda p: -len(p[0]))
@@ -34,14 +35,23 @@ class ComponentRow:
 
 
 def configure_stage(model: nn.Module, stage: StageConfig, lora: LoraSpec) -> list[ComponentRow]:
-    """Set requires_grad per component (injecting LoRA where asked); one row per component."""
+    """Set requires_grad per component (injecting LoRA where asked); one row per component.
+
+    Raises ConfigError where the stage would train nothing it names: a component the model lacks,
+    or every component frozen."""
     for component in COMPONENTS:
         module = getattr(model, MODULE_OF[component])
+        if stage.mode(component) != "frozen" and module is None:
+            raise ConfigError(f"stages.{stage.name}.components.{component}: {stage.mode(component)}, but the model "
+                              f"has no {component} (its config has no {component.split('_')[0]} part)")
         if module is not None and stage.mode(component) == "lora":
             _inject_lora(module, lora)
     for name, parameter in model.named_parameters():
         mode = stage.mode(component_of(name))
         parameter.requires_grad = mode == "full" or (mode == "lora" and "lora_" in name)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"stages.{stage.name}.components: nothing to train (every component is frozen); "
+                          "name one as full or lora")
     rows = []
     for component in COMPONENTS:
         module = getattr(model, MODULE_OF[component])

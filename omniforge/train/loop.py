@@ -52,15 +52,17 @@ def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False,
     out = Path(recipe.train.out_dir)
     log = _Log(out, dist.is_main)
     requested = [recipe.stage(only_stage)] if only_stage else recipe.stages
-    stages, state = _resume_point(requested, _latest_checkpoint(out), out, log) if resume else (requested, None)
+    stages, state = _resume_point(recipe, requested, _latest_checkpoint(out), out, log) if resume else (requested, None)
     if not stages:
         log.print("--resume: every stage has finished already")
         return out / STAGES / requested[-1].name
+    for stage in stages:  # a missing file fails now, not after hours of the stages before it
+        stage.check_data_files()
     if state is not None and len(state["ranks"]) != dist.world:
         raise CheckpointError(f"{state['folder']}: written by {len(state['ranks'])} process(es), resumed with "
                               f"{dist.world}; each process's data position is saved, so resume with as many")
 
-    _seed_everything(recipe.train.seed)
+    _seed_everything(recipe.train.seed)  # the recipe's model initialises from it; each stage then seeds its own
     model = _initial_model(recipe, stages[0], out, log)
     model.to(dist.device)
     processor = OmniProcessor.from_model(model)
@@ -84,6 +86,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
     if dist.world > 1 and settings.distributed == "fsdp" and "lora" in stage.components.values():
         raise ConfigError(f"stages.{stage.name}: LoRA cannot be injected into FSDP shards; "
                           "use train.distributed=ddp for LoRA stages")
+    if state is None:  # from its own seed, as when the stages before it ran in an earlier process (--resume, --stage)
+        _seed_everything(recipe.stage_seed(stage))
     rows = configure_stage(model, stage, settings.lora)
     if settings.activation_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -92,7 +96,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
     if state is not None:  # the checkpoint holds the weights of this stage's architecture (LoRA included)
         dist.load_model_state(model, torch.load(Path(state["folder"]) / "model.pt", weights_only=True))
     optimizer = adamw(param_groups(model, stage, settings.weight_decay), betas=(0.9, 0.95))
-    mixture = open_mixture(stage.data, settings.seed)
+    mixture = open_mixture(stage.data, recipe.stage_seed(stage))  # each stage its own order of a file they share
     mean_tokens = (mean_sample_tokens(mixture, processor) or 1) if stage.epochs and stage.batch_tokens else None
     steps = stage.total_steps(mixture.size, dist.world, mean_tokens)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage.warmup_steps, steps,
@@ -118,11 +122,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
     wrapped.train()
     for step in range(start_step + 1, steps + 1):
         started = time.perf_counter()
-        micro = [next(batches, None) for _ in range(stage.grad_accum)]
-        micro = [m for m in micro if m is not None]
-        if not micro:
-            log.print(f"stage {stage.name}: data ran out at step {step}")
-            break
+        micro = [next(batches) for _ in range(stage.grad_accum)]  # endless: the mixture repeats its data
         labelled = dist.sum(sum(m.labelled for m in micro))
         loss_sum = 0.0
         for i, batch in enumerate(micro):
@@ -146,7 +146,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
                   "skipped": dict(stream.skipped)}
         log.step(record, progress)
         if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < steps:
-            _save_checkpoint(model, optimizer, scheduler, stage, step, micro[-1], dist, out, settings.keep_checkpoints)
+            _save_checkpoint(model, optimizer, scheduler, stage, _settings(recipe, stage), step, micro[-1], dist, out,
+                             settings.keep_checkpoints)
         if evaluator and stage.eval_every and step % stage.eval_every == 0 and step < steps:
             log.evals(stage.name, step, evaluator.run(model))
     progress.close()
@@ -158,7 +159,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
     export = out / STAGES / stage.name
     weights = dist.full_state_dict(model)  # collective under FSDP
     if dist.is_main:
-        record = {"stage": asdict(stage), "components": [asdict(r) for r in rows], "steps": steps,
+        record = {**_settings(recipe, stage), "components": [asdict(r) for r in rows], "steps": steps,
                   "skipped_samples": dict(stream.skipped)}
         model.save_pretrained(export, state_dict=weights, extra_files={"stage.json": json.dumps(record, indent=2)})
     if evaluator:
@@ -253,9 +254,10 @@ def _set_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(model, optimizer, scheduler, stage: StageConfig, step: int, batch: MicroBatch,
+def _save_checkpoint(model, optimizer, scheduler, stage: StageConfig, settings: dict, step: int, batch: MicroBatch,
                      dist: Distributed, out: Path, keep: int) -> None:
-    """Weights (LoRA included), optimizer, scheduler, per-process RNG and data position; atomic.
+    """Weights (LoRA included), optimizer, scheduler, per-process RNG and data position, and the
+    stage's `_settings`; atomic.
 
     torch.save keeps tied weights (embeddings / LM head) as one tensor; exports use safetensors.
     """
@@ -268,7 +270,7 @@ def _save_checkpoint(model, optimizer, scheduler, stage: StageConfig, step: int,
     with atomic_folder(folder) as tmp:  # replaces a folder of the same step left by an earlier run
         torch.save(state_dict, tmp / "model.pt")
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save({"stage": stage.name, "settings": asdict(stage), "step": step, "scheduler": scheduler.state_dict(),
+        torch.save({"stage": stage.name, "settings": settings, "step": step, "scheduler": scheduler.state_dict(),
                     "ranks": ranks, "written": time.time()}, tmp / "state.pt")
     write_text_atomic(out / CHECKPOINTS / "latest", folder.name)
     for old in sorted((out / CHECKPOINTS).glob("step-*"), key=lambda p: p.stat().st_mtime)[:-keep]:
@@ -289,49 +291,87 @@ def _latest_checkpoint(out: Path) -> dict | None:
     return state
 
 
-def _resume_point(stages: list[StageConfig], state: dict | None, out: Path,
+def _resume_point(recipe: Recipe, stages: list[StageConfig], state: dict | None, out: Path,
                   log: "_Log") -> tuple[list[StageConfig], dict | None]:
     """The stages --resume still has to run, and the checkpoint to start the first from (None: from
-    the previous stage's export). Stages exported since the latest checkpoint was written finished
-    in this run and are not repeated; with no checkpoint, every exported stage counts as finished.
-    An export or checkpoint made with other settings than the recipe now gives its stage is stale:
-    that stage runs again from its start."""
+    the previous stage's export, or the recipe's model).
+
+    In order, a stage has finished when its export was made with the settings the recipe gives it
+    now, after the export of the stage before it (the weights it starts from) and after the latest
+    checkpoint, if that is in this stage (an older export is an earlier run's). The first stage that
+    has not runs again, and every stage after it: from that checkpoint if it is in this stage and
+    was written with the same settings, after the previous stage's export; else from its start.
+    """
     names = [s.name for s in stages]
     if state is not None and state["stage"] not in names:
         raise ConfigError(f"--resume: the latest checkpoint ({state['folder']}) is in stage {state['stage']!r}, "
                           f"not among {names}")
-    first = names.index(state["stage"]) if state is not None else 0
-    since = state["written"] if state is not None else 0.0
-    done = first
-    while done < len(names) and _finished(stages[done], out / STAGES / names[done], since, log):
-        done += 1
-    if done > first:
-        log.print(f"--resume: stage {names[done - 1]} has finished and was exported; going on from there")
-        return stages[done:], None
-    if state is None:
-        log.print(f"--resume: no checkpoint in {out / CHECKPOINTS} and no stage finished; starting from the beginning")
-    elif changed := _changed_settings(stages[first], state.get("settings", asdict(stages[first]))):
-        log.print(f"--resume: {state['folder']} was written with other settings of {', '.join(changed)}; "
-                  f"starting stage {names[first]} again")
-        return stages[first:], None
-    return stages[first:], state
+    since = 0.0  # when the stage before was exported
+    for i, stage in enumerate(stages):
+        checkpoint = state if state is not None and state["stage"] == stage.name else None
+        after = max(since, checkpoint["written"]) if checkpoint is not None else since
+        exported = _exported_at(recipe, stage, out / STAGES / stage.name, after, log)
+        if exported is not None:
+            since = exported
+            continue
+        if i:
+            log.print(f"--resume: stage {names[i - 1]} has finished and was exported; going on from there")
+        if checkpoint is None:
+            if state is not None and names.index(state["stage"]) > i:
+                log.print(f"--resume: not going on from {state['folder']}: its stage {state['stage']} comes after "
+                          f"stage {stage.name}, which runs again")
+            elif state is None and not i:
+                log.print(f"--resume: no checkpoint in {out / CHECKPOINTS} and no stage finished; starting from the beginning")
+            return stages[i:], None
+        if checkpoint["written"] <= since:
+            log.print(f"--resume: {checkpoint['folder']} was written before the export of stage {names[i - 1]} it would "
+                      f"go on from; starting stage {stage.name} again")
+            return stages[i:], None
+        if changed := _changed_settings(_settings(recipe, stage), checkpoint.get("settings", {})):
+            log.print(f"--resume: {checkpoint['folder']} was written with other settings of {', '.join(changed)}; "
+                      f"starting stage {stage.name} again")
+            return stages[i:], None
+        return stages[i:], checkpoint
+    return [], None
 
 
-def _finished(stage: StageConfig, export: Path, since: float, log: "_Log") -> bool:
-    """Whether `stage` was exported after `since` (its stage.json is written last, inside the atomic
-    folder) with the settings the recipe gives it now."""
+def _exported_at(recipe: Recipe, stage: StageConfig, export: Path, after: float, log: "_Log") -> float | None:
+    """When `stage` was exported to `export` (its stage.json is written last, inside the atomic
+    folder), if after `after` and with the settings the recipe gives it now; else None."""
     record = export / "stage.json"
-    if not record.is_file() or record.stat().st_mtime <= since:
-        return False
-    if changed := _changed_settings(stage, json.loads(record.read_text())["stage"]):
+    if not record.is_file() or record.stat().st_mtime <= after:
+        return None
+    if changed := _changed_settings(_settings(recipe, stage), json.loads(record.read_text())):
         log.print(f"--resume: {export} was made with other settings of {', '.join(changed)}; running {stage.name} again")
-    return not changed
+        return None
+    return record.stat().st_mtime
 
 
-def _changed_settings(stage: StageConfig, recorded: dict) -> list[str]:
-    """The keys of `stage`'s settings that differ from `recorded` (an earlier run's `asdict(stage)`)."""
-    now, then = (json.loads(json.dumps(d)) for d in (asdict(stage), recorded))  # tuples as lists, as in stage.json
-    return sorted(key for key in now.keys() | then.keys() if now.get(key) != then.get(key))
+NOT_COMPARED = {"eval_every", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints",
+                "train.activation_checkpointing", "train.distributed"}
+"""Settings --resume lets change: where a run writes, how often it evaluates and saves, and how it
+spreads and recomputes its work do not change what its weights are trained on, or towards."""
+
+
+def _settings(recipe: Recipe, stage: StageConfig) -> dict:
+    """What a stage was trained with, as its stage.json and checkpoints record it: the stage's settings
+    and the recipe's `train` settings that shape the weights."""
+    train = {key: value for key, value in asdict(recipe.train).items() if f"train.{key}" not in NOT_COMPARED}
+    if "lora" not in stage.components.values():
+        del train["lora"]  # shapes no weight of this stage
+    return {"stage": asdict(stage), "train": train}
+
+
+def _changed_settings(now: dict, then: dict) -> list[str]:
+    """The settings (`steps`, `train.seed`) that differ between two `_settings` records, `then` as an
+    earlier run wrote it (one without `train` settings predates their recording: those all differ)."""
+    def flat(record: dict) -> dict:
+        record = json.loads(json.dumps(record))  # tuples as lists, as in stage.json
+        keyed = {**record.get("stage", {}), **{f"train.{k}": v for k, v in record.get("train", {}).items()}}
+        return {key: value for key, value in keyed.items() if key not in NOT_COMPARED}
+
+    a, b = flat(now), flat(then)
+    return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
 
 
 class _Log:
@@ -341,6 +381,17 @@ class _Log:
         self.out, self.enabled = out, enabled
         if enabled:
             out.mkdir(parents=True, exist_ok=True)
+            self._end_torn_line()
+
+    def _end_torn_line(self) -> None:
+        """A run killed mid-write leaves the last line of metrics.jsonl unfinished: end it, so that this
+        run's records stand on lines of their own (the plot skips the torn one)."""
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file() and metrics.stat().st_size:
+            with metrics.open("rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -373,7 +424,11 @@ class _Log:
             f.write(json.dumps(record) + "\n")
 
     def plot(self) -> None:
-        if self.enabled:
-            from omniforge.train.plots import plot_losses
+        if not self.enabled:
+            return
+        from omniforge.train.plots import plot_losses
 
+        try:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+        except Exception as e:  # a picture of metrics.jsonl, which holds the numbers: never worth the run
+            self.print(f"warning: {self.out / 'loss.png'} not drawn ({type(e).__name__}: {e})")

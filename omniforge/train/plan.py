@@ -11,7 +11,7 @@ import torch
 from omniforge.data.dataset import JsonlConversations, mean_sample_tokens, open_mixture
 from omniforge.errors import OmniforgeError
 from omniforge.processing.chat import OmniProcessor
-from omniforge.train.components import configure_stage, format_table
+from omniforge.train.components import configure_stage, format_table, merge_lora
 from omniforge.train.recipe import Recipe
 
 PROBE = 32
@@ -23,6 +23,8 @@ def dry_run(recipe: Recipe, world: int = 1) -> str:
     or data file; a model that cannot be built from its configs is reported, not raised."""
     from omniforge.model.omni import OmniModel
 
+    for stage in recipe.stages:
+        stage.check_data_files()
     lines = [f"recipe: {len(recipe.stages)} stage(s), out_dir {recipe.train.out_dir}"]
     try:
         with torch.device("meta"):
@@ -35,10 +37,11 @@ def dry_run(recipe: Recipe, world: int = 1) -> str:
         lines.append(f"\n== stage {stage.name}")
         if model is not None:
             lines.append(format_table(configure_stage(model, stage, recipe.train.lora)))
+            merge_lora(model)  # as the loop does at a stage end: the next stage counts merged weights, not adapters
         sizes = [len(JsonlConversations(spec.path)) for spec in stage.data]
         for spec, size in zip(stage.data, sizes):
             lines.append(f"  data {spec.path}: {size} records, weight {spec.weight:g}")
-        mean = (mean_sample_tokens(open_mixture(stage.data, recipe.train.seed), processor, PROBE)
+        mean = (mean_sample_tokens(open_mixture(stage.data, recipe.stage_seed(stage)), processor, PROBE)
                 if processor is not None else None)
         steps = stage.total_steps(sum(sizes), world, mean)
         steps_text = f"{stage.epochs:g} epochs = " if stage.epochs else ""

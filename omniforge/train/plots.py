@@ -12,7 +12,7 @@ def plot_losses(metrics: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [record for record in map(_parsed, metrics.read_text().splitlines()) if record is not None]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r]
     if not steps:
@@ -50,3 +50,11 @@ def plot_losses(metrics: Path, out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)
+
+
+def _parsed(line: str) -> dict | None:
+    """A metrics record; None for a blank line or one a crash tore mid-write (not JSON)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None

@@ -19,6 +19,8 @@ Component names: `vision_tower`, `vision_adapter`, `audio_tower`, `audio_adapter
 from __future__ import annotations
 
 import math
+import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +56,11 @@ class LoraSpec:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
+
+    def validate(self, key: str) -> None:
+        require(self.r >= 1, f"{key}.r", f"must be >= 1, got {self.r}")
+        require(self.alpha > 0, f"{key}.alpha", f"must be > 0, got {self.alpha}")
+        require(0 <= self.dropout < 1, f"{key}.dropout", f"must be within [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -119,7 +126,14 @@ class StageConfig:
         require(self.epochs is None or self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
         for name in ("warmup_steps", "eval_every"):
             require(getattr(self, name) >= 0, f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        require(self.steps is None or self.warmup_steps <= self.steps, f"{key}.warmup_steps",
+                f"must be <= steps ({self.steps}), got {self.warmup_steps}")
         require(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "must be within [0, 1]")
+
+    def check_data_files(self) -> None:
+        """Raise ConfigError unless every dataset of the stage is a file (checked before a run trains anything)."""
+        for i, spec in enumerate(self.data):
+            require(Path(spec.path).is_file(), f"stages.{self.name}.data[{i}].path", f"{spec.path} is not a file")
 
     def total_steps(self, records: int, world: int, mean_tokens: float | None) -> int | None:
         """Optimizer steps: `steps`, or `epochs` passes over a mixture of `records` samples (a packed
@@ -166,6 +180,8 @@ class TrainConfig:
     def validate(self, key: str) -> None:
         require(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0 (0: no checkpoints)")
         require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
+        for name in ("weight_decay", "max_grad_norm"):
+            require(getattr(self, name) >= 0, f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -184,6 +200,13 @@ class Recipe:
         require(bool(names), f"{key}.stages" if key != "config" else "stages", "needs at least one stage")
         require(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
 
+    def stage_seed(self, stage: StageConfig) -> int:
+        """The seed of `stage`'s data order and of the RNG state it starts from: the recipe's seed and
+        the stage's name. The name, not the stage's place in the list: a stage inserted into or removed
+        from the recipe before it then leaves its order as it was, so that a checkpoint in it resumes
+        the data it was reading."""
+        return zlib.crc32(f"{self.train.seed}/{stage.name}".encode())
+
     def stage(self, name: str) -> StageConfig:
         for stage in self.stages:
             if stage.name == name:
@@ -194,7 +217,8 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe; `model:` may name a model config file (relative to the recipe's folder).
 
-    Relative dataset and eval paths resolve against `data_dir` (default: the recipe's folder).
+    Relative dataset and eval paths resolve against `data_dir` (default: the recipe's folder), to
+    absolute paths.
     Overrides are dotted keys into the merged document (`model.vision.max_tiles=4`,
     `train.seed=1`, `stages.0.steps=10`); a relative `data_dir=` given as one is taken from the
     working directory, as paths typed on a command line are.
@@ -231,7 +255,9 @@ def _data_dir_from_working_dir(override: str) -> str:
 
 
 def _resolve(p: str | Path, base: Path) -> Path:
-    return Path(p) if Path(p).is_absolute() else base / p
+    """`p` against `base` (an absolute `p` as it is), as a normalised absolute path: a file reads the
+    same however the recipe's path was spelled (--resume compares data paths with an export's)."""
+    return Path(os.path.abspath(base / p))
 
 
 def _lists_as_dicts(data: Any) -> Any:
