@@ -92,7 +92,12 @@ def train_command(args, overrides: list[str]) -> int:
     if args.dry_run:
         from omniforge.train.plan import dry_run
 
-        print(dry_run(recipe, world=int(os.environ.get("WORLD_SIZE", "1"))))
+        report, missing = dry_run(recipe, world=int(os.environ.get("WORLD_SIZE", "1")))
+        print(report)
+        if missing:  # the plan is shown all the same: a recipe is often checked before its data is in place
+            print(f"error: {len(missing)} data file(s) missing; training would stop on them: {', '.join(missing)}",
+                  file=sys.stderr)
+            return 2
         return 0
     from omniforge.train.loop import train
 

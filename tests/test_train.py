@@ -457,13 +457,17 @@ def test_dry_run_prints_tables_and_budgets(tmp_path, dataset):
     steps = -(-2 * records // (4 * 2))  # 2 passes, 4 samples a micro-batch, 2 micro-batches a step
     assert f"2 epochs = {steps} steps, 8 samples a step (padded)" in by_epochs.stdout, by_epochs.stdout
     assert "token budget:" in by_epochs.stdout.split("== stage all")[1]
+    no_data = run_cli("train", write_recipe(tmp_path / "nodata", tmp_path / "gone.jsonl", STAGES), "--dry-run")
+    assert no_data.returncode == 2 and "error: 1 data file(s) missing" in no_data.stderr  # named once, for two stages
+    assert "gone.jsonl: MISSING" in no_data.stdout and "6 steps, 1,024 tokens a step" in no_data.stdout  # the plan still
 
 
 def test_dry_run_counts_a_stage_after_a_lora_stage_on_merged_weights(tmp_path, dataset):
     from omniforge.train.plan import dry_run
 
     full = {"name": "full", "components": {"llm": "full"}, "steps": 2, "batch_size": 2}
-    report = dry_run(load_recipe(write_recipe(tmp_path, dataset, [STAGES[1], full])))
+    report, missing = dry_run(load_recipe(write_recipe(tmp_path, dataset, [STAGES[1], full])))
+    assert not missing
     rows = [line.replace(",", "").split()[1:4] for line in report.splitlines() if line.split()[:1] == ["llm"]]
     assert [mode for mode, *_ in rows] == ["lora", "full"]  # llm MODE PARAMS TRAINABLE, a row a stage
     (lora_params, lora_trainable), (params, trainable) = [map(int, counts) for _, *counts in rows]

@@ -6,6 +6,8 @@ parts' configs, so a 7B recipe is checked in seconds.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from omniforge.data.dataset import JsonlConversations, mean_sample_tokens, open_mixture
@@ -18,13 +20,14 @@ PROBE = 32
 """Samples encoded per stage to estimate tokens per sample."""
 
 
-def dry_run(recipe: Recipe, world: int = 1) -> str:
-    """A report of every stage: component table, data, steps and token budget. Raises on a bad recipe
-    or data file; a model that cannot be built from its configs is reported, not raised."""
+def dry_run(recipe: Recipe, world: int = 1) -> tuple[str, list[str]]:
+    """A report of every stage (component table, data, steps and token budget) and the data files
+    that are missing, which a run would stop on before training. Raises on a bad recipe; a model
+    that cannot be built from its configs, or a missing file, is reported in the plan, which then
+    goes without the counts they would give."""
     from omniforge.model.omni import OmniModel
 
-    for stage in recipe.stages:
-        stage.check_data_files()
+    missing = []
     lines = [f"recipe: {len(recipe.stages)} stage(s), out_dir {recipe.train.out_dir}"]
     try:
         with torch.device("meta"):
@@ -38,14 +41,18 @@ def dry_run(recipe: Recipe, world: int = 1) -> str:
         if model is not None:
             lines.append(format_table(configure_stage(model, stage, recipe.train.lora)))
             merge_lora(model)  # as the loop does at a stage end: the next stage counts merged weights, not adapters
-        sizes = [len(JsonlConversations(spec.path)) for spec in stage.data]
+        absent = [spec.path for spec in stage.data if not Path(spec.path).is_file()]
+        missing += [path for path in absent if path not in missing]
+        sizes = [0 if spec.path in absent else len(JsonlConversations(spec.path)) for spec in stage.data]
         for spec, size in zip(stage.data, sizes):
-            lines.append(f"  data {spec.path}: {size} records, weight {spec.weight:g}")
+            lines.append(f"  data {spec.path}: " + ("MISSING" if spec.path in absent else f"{size} records")
+                         + f", weight {spec.weight:g}")
         mean = (mean_sample_tokens(open_mixture(stage.data, recipe.stage_seed(stage)), processor, PROBE)
-                if processor is not None else None)
-        steps = stage.total_steps(sum(sizes), world, mean)
+                if processor is not None and not absent else None)
+        steps = stage.steps if absent else stage.total_steps(sum(sizes), world, mean)
         steps_text = f"{stage.epochs:g} epochs = " if stage.epochs else ""
-        steps_text += f"{steps} steps" if steps else "steps unknown (no sample length measured)"
+        unknown = "a data file is missing" if absent else "no sample length measured"
+        steps_text += f"{steps} steps" if steps else f"steps unknown ({unknown})"
         per_step = stage.grad_accum * world
         if stage.batch_tokens:
             budget = f"{stage.batch_tokens * per_step:,} tokens a step (packed)"
@@ -57,5 +64,5 @@ def dry_run(recipe: Recipe, world: int = 1) -> str:
         lines.append(f"  {steps_text}, {budget}{mean_text}")
         if total:
             lines.append(f"  token budget: {total:,.0f} tokens")
-    return "\n".join(lines)
+    return "\n".join(lines), missing
 
