@@ -10,7 +10,7 @@ class ConfigError(OmniforgeError, ValueError):
 
 
 class DataError(OmniforgeError, ValueError):
-    """A stage's data cannot feed training: every sample in a long run of them was skipped."""
+    """A stage's data cannot feed training: a dataset's samples keep failing (`SampleStream.FAILING_IN_A_ROW` in a row)."""
 
 
 class CheckpointError(OmniforgeError):
