@@ -192,6 +192,13 @@ def test_extract_choice_by_rules(answer, choice):
     assert metrics.extract_choice(answer, OPTIONS) == choice
 
 
+def test_a_letter_inside_an_options_text_names_that_option_not_the_letter():
+    vitamins = {"A": "Vitamin A", "B": "Vitamin D", "C": "Vitamin C", "D": "Iron"}
+    assert metrics.extract_choice("It is Vitamin D.", vitamins) == "B"
+    assert metrics.extract_choice("The answer is Vitamin D", vitamins) == "B"
+    assert metrics.extract_choice("Not vitamin C, so D", vitamins) == "D"
+
+
 def test_circular_eval_needs_every_rotation_right():
     questions = ["q1"] * 4 + ["q2"] * 2
     rotations = [0, 1, 2, 3, 0, 1]

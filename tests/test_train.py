@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,6 +169,15 @@ def test_stage_freezes_exactly_the_components_it_does_not_name(dataset):
     groups = param_groups(model, stage, weight_decay=0.1)
     assert {g["component"]: g["lr"] for g in groups} == {"vision_adapter": 1e-3, "audio_tower": 1e-4}
     assert all(g["weight_decay"] == 0 for g in groups if all(p.ndim == 1 for p in g["params"]))
+
+
+def test_files_of_one_name_are_told_apart_by_their_folders(tmp_path, dataset):
+    for language in ("en", "zh"):
+        (tmp_path / language).mkdir()
+        shutil.copy(dataset, tmp_path / language / "train.jsonl")
+    mixture = open_mixture([DatasetSpec(str(tmp_path / language / "train.jsonl")) for language in ("en", "zh")], 0)
+    assert [d.name for d in mixture.datasets] == ["en/train.jsonl", "zh/train.jsonl"]  # in skip counts and warnings
+    assert mixture.datasets[1].where(3) == "zh/train.jsonl[3]"
 
 
 def test_a_stage_that_would_train_nothing_it_names_is_an_error(dataset):
@@ -475,13 +485,16 @@ def test_dry_run_counts_a_stage_after_a_lora_stage_on_merged_weights(tmp_path, d
     assert params == trainable == lora_params  # the adapters merged into the weights, not counted again
 
 
-def test_a_missing_data_file_fails_before_any_stage_trains(tmp_path, dataset):
+def test_a_missing_file_or_a_stage_with_nothing_to_train_fails_before_any_stage_trains(tmp_path, dataset):
     from omniforge.train.loop import train
 
     path = write_recipe(tmp_path, dataset, STAGES)
     recipe = load_recipe(path, [f"stages.1.data.0.path={tmp_path / 'gone.jsonl'}"])
-    with pytest.raises(ConfigError, match=r"stages.all.data\[0\].path: .*gone.jsonl is not a file"):
+    with pytest.raises(ConfigError, match=r"1 data file\(s\) missing: .*gone.jsonl"):
         train(recipe)
+    frozen = load_recipe(path, [f"stages.1.components.{part}=frozen" for part in STAGES[1]["components"]])
+    with pytest.raises(ConfigError, match="stages.all.components: nothing to train"):
+        train(frozen)  # found before stage align trains, not after it
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -608,6 +621,11 @@ def test_resume_goes_on_from_the_first_stage_whose_export_the_recipe_no_longer_m
     assert resume("stages.0.lr.default=0.1") == (["align", "all"], False)  # all's checkpoint built on another align
     assert resume("train.weight_decay=0.1") == (["align", "all"], False)
     assert resume("train.lora.r=4") == (["all"], False)  # LoRA settings shape only stage all's weights
+    moved = tmp_path / "moved" / "here"
+    copy = Path(os.path.normpath(moved / os.path.relpath(dataset, tmp_path)))
+    copy.parent.mkdir(parents=True)
+    shutil.copy(dataset, copy)
+    assert resume(f"data_dir={moved}") == (["all"], True)  # the data moved, nothing changed
     export(align, 300.0)  # align ran again after the checkpoint, which goes on from the align before
     assert resume() == (["all"], False)
     export(everything, 400.0)

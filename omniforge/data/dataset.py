@@ -10,6 +10,7 @@ whose samples keep failing is an error.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ class JsonlConversations:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.name = self.path.name
+        """How messages and skip counts name the file (a `Mixture` with two files of one name lengthens it)."""
         if not self.path.is_file():
             raise ConfigError(f"data: {self.path} is not a file")
         self.offsets = []
@@ -51,7 +54,7 @@ class JsonlConversations:
             raise ConversationError(f"{self.path}[{index}]: invalid JSON ({getattr(e, 'msg', e)})") from None
 
     def where(self, index: int) -> str:
-        return f"{self.path.name}[{index}]"
+        return f"{self.name}[{index}]"
 
 
 class Mixture:
@@ -61,6 +64,10 @@ class Mixture:
 
     def __init__(self, datasets: list[JsonlConversations], weights: list[float], seed: int):
         self.datasets, self.seed = datasets, seed
+        if len({d.path.name for d in datasets}) < len(datasets):  # en/train.jsonl, zh/train.jsonl: by their folders
+            common = os.path.commonpath([d.path.parent for d in datasets])
+            for dataset in datasets:
+                dataset.name = str(dataset.path.relative_to(common))
         total = float(sum(weights))
         self.probabilities = np.array([w / total for w in weights])
         self._permutations: dict[tuple[int, int], np.ndarray] = {}
@@ -152,7 +159,7 @@ class SampleStream:
         for d, index in order:
             if (position - self.rank) % self.world == 0:
                 dataset = self.mixture.datasets[d]
-                file, where = dataset.path.name, dataset.where(index)
+                file, where = dataset.name, dataset.where(index)
                 try:
                     record = dataset.record(index)
                     sample = self.processor.encode_record(record, base_dir=dataset.path.parent, where=where)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from omniforge.errors import OmniforgeError
-from omniforge.eval.runner import answer_prompts
+from omniforge.eval.runner import Prompt, answer_prompts
 from omniforge.model.generate import GenerationConfig
 from omniforge.processing.audio import resample
 from omniforge.processing.chat import IGNORE, OmniProcessor
@@ -118,9 +118,9 @@ class OmniforgeChat:
 
     def answer(self, prompts: list[tuple[str, list[tuple[str, Any]]]], config: GenerationConfig) -> list[str]:
         """Greedy (or sampled, per `config`) answers; a prompt whose media fail to load answers ""."""
-        answers = answer_prompts(self.model, self.processor,
-                                 [(*self.prompt(text, media), None, f"request {i}") for i, (text, media) in enumerate(prompts)],
-                                 config)
+        questions = [Prompt(*self.prompt(text, media), system=None, where=f"request {i}")
+                     for i, (text, media) in enumerate(prompts)]
+        answers = answer_prompts(self.model, self.processor, questions, config)
         for failed in (a for a in answers if isinstance(a, OmniforgeError)):
             log.warning("answering '' to a request that cannot be encoded: %s", failed)
         return ["" if isinstance(a, OmniforgeError) else a for a in answers]

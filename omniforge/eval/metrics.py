@@ -52,9 +52,10 @@ def extract_choice(text: str, options: dict[str, str]) -> str | None:
     options: letter -> option text. Tried in order, letters before option text (as VLMEvalKit's
     `can_infer`): the answer is a letter ("b", "(B)", "B.") or exactly one option's text ("12");
     it starts with a letter ("B. a cat", "(B) a cat", "B, because"); it says so ("Answer: B", "the
-    answer is (B)", "option B"); exactly one option letter stands alone in it ("I pick B", "not
-    red, so B", "A is right"), "A" before another lowercase word ("A cat is ...") being the
-    article; it holds exactly one option's text as whole words ("It is a blue car").
+    answer is (B)", "option B"); exactly one option letter stands alone in it outside the options'
+    texts ("I pick B", "not red, so B", "A is right"; not the D of "Vitamin D"), "A" before
+    another lowercase word ("A cat is ...") being the article; it holds exactly one option's
+    text as whole words ("It is a blue car").
     """
     letters = "".join(re.escape(letter) for letter in options)
     if not letters:
@@ -71,8 +72,11 @@ def extract_choice(text: str, options: dict[str, str]) -> str | None:
         found = re.search(pattern, stripped)
         if found:
             return found.group(1)
-    alone = {m.group(1) for m in re.finditer(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", stripped)
-             if not (m.group(1) == "A" and re.match(r"\s+(?!(?:is|was)\b)[a-z]", stripped[m.end():]))}
+    masked = stripped  # an option's own text ("Vitamin D") names that option, not letter D
+    for option in sorted((o.strip() for o in options.values() if o.strip()), key=len, reverse=True):
+        masked = re.sub(rf"(?<!\w){re.escape(option)}(?!\w)", " ", masked, flags=re.IGNORECASE)
+    alone = {m.group(1) for m in re.finditer(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", masked)
+             if not (m.group(1) == "A" and re.match(r"\s+(?!(?:is|was)\b)[a-z]", masked[m.end():]))}
     if alone:
         return alone.pop() if len(alone) == 1 else None
     named = [letter for letter, option in options.items()

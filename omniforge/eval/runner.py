@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
@@ -115,7 +115,7 @@ def _answer_batch(model, processor: OmniProcessor, chunk: list[Sample | Skipped]
     slots: list[Prediction | Skipped] = list(chunk)
     if samples:
         budget = max_new_tokens or max(MAX_NEW_TOKENS[sample.metric] for _, sample in samples)
-        answers = answer_prompts(model, processor, [(s.messages, s.media, s.system, "prompt") for _, s in samples],
+        answers = answer_prompts(model, processor, [Prompt(s.messages, s.media, s.system, s.id) for _, s in samples],
                                  GenerationConfig(max_new_tokens=budget, contrast=contrast))
         for (i, sample), answer in zip(samples, answers):
             slots[i] = (Skipped(sample.id, str(answer)) if isinstance(answer, OmniforgeError)
@@ -123,14 +123,26 @@ def _answer_batch(model, processor: OmniProcessor, chunk: list[Sample | Skipped]
     return slots
 
 
-def answer_prompts(model, processor: OmniProcessor, prompts: list[tuple[list[dict], dict, str | None, str]],
+class Prompt(NamedTuple):
+    """A question to answer."""
+
+    messages: list[dict]
+    media: dict[str, list]
+    system: str | None
+    """None: the model's default system prompt."""
+    where: str
+    """What errors name it by."""
+
+
+def answer_prompts(model, processor: OmniProcessor, prompts: list[Prompt],
                    config: GenerationConfig) -> list[str | OmniforgeError]:
-    """Answers to one-batch prompts ((messages, media, system, where) each), in order; a prompt
-    whose media or messages fail to encode gets its error instead, and the rest are answered."""
+    """Answers to one batch of prompts, in order; a prompt whose media or messages fail to encode
+    gets its error instead, and the rest are answered."""
     encoded: list[Encoded | OmniforgeError] = []
-    for messages, media, system, where in prompts:
+    for prompt in prompts:
         try:
-            encoded.append(processor.encode(messages, media, system=system, add_generation_prompt=True, where=where))
+            encoded.append(processor.encode(prompt.messages, prompt.media, system=prompt.system,
+                                            add_generation_prompt=True, where=prompt.where))
         except OmniforgeError as e:
             encoded.append(e)
     ready = [e for e in encoded if not isinstance(e, OmniforgeError)]

@@ -34,24 +34,30 @@ class ComponentRow:
     lr: float
 
 
-def configure_stage(model: nn.Module, stage: StageConfig, lora: LoraSpec) -> list[ComponentRow]:
-    """Set requires_grad per component (injecting LoRA where asked); one row per component.
-
-    Raises ConfigError where the stage would train nothing it names: a component the model lacks,
-    or every component frozen."""
+def check_stage_parts(model: nn.Module, stage: StageConfig) -> None:
+    """Raise ConfigError where `stage` would train nothing it names: a component the model lacks,
+    or every component frozen (checked for every stage before a run trains any)."""
+    present = [c for c in COMPONENTS if getattr(model, MODULE_OF[c]) is not None]
     for component in COMPONENTS:
-        module = getattr(model, MODULE_OF[component])
-        if stage.mode(component) != "frozen" and module is None:
+        if stage.mode(component) != "frozen" and component not in present:
             raise ConfigError(f"stages.{stage.name}.components.{component}: {stage.mode(component)}, but the model "
                               f"has no {component} (its config has no {component.split('_')[0]} part)")
+    if all(stage.mode(c) == "frozen" for c in present):
+        raise ConfigError(f"stages.{stage.name}.components: nothing to train (every component is frozen); "
+                          "name one as full or lora")
+
+
+def configure_stage(model: nn.Module, stage: StageConfig, lora: LoraSpec) -> list[ComponentRow]:
+    """Set requires_grad per component (injecting LoRA where asked); one row per component.
+    Raises as `check_stage_parts`."""
+    check_stage_parts(model, stage)
+    for component in COMPONENTS:
+        module = getattr(model, MODULE_OF[component])
         if module is not None and stage.mode(component) == "lora":
             _inject_lora(module, lora)
     for name, parameter in model.named_parameters():
         mode = stage.mode(component_of(name))
         parameter.requires_grad = mode == "full" or (mode == "lora" and "lora_" in name)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError(f"stages.{stage.name}.components: nothing to train (every component is frozen); "
-                          "name one as full or lora")
     rows = []
     for component in COMPONENTS:
         module = getattr(model, MODULE_OF[component])

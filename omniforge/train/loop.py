@@ -33,7 +33,7 @@ from omniforge.errors import CheckpointError, ConfigError
 from omniforge.files import atomic_folder, write_text_atomic
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
-from omniforge.train.components import configure_stage, format_table, merge_lora, param_groups
+from omniforge.train.components import check_stage_parts, configure_stage, format_table, merge_lora, param_groups
 from omniforge.train.distributed import Distributed
 from omniforge.train.evaluate import Evaluator
 from omniforge.train.recipe import Recipe, StageConfig
@@ -56,14 +56,20 @@ def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False,
     if not stages:
         log.print("--resume: every stage has finished already")
         return out / STAGES / requested[-1].name
-    for stage in stages:  # a missing file fails now, not after hours of the stages before it
-        stage.check_data_files()
+    if missing := recipe.missing_files(stages):  # what would stop a stage fails now, not after hours of those before it
+        raise ConfigError(f"{len(missing)} data file(s) missing: {', '.join(missing)}")
+    for stage in stages:
+        if dist.world > 1 and recipe.train.distributed == "fsdp" and "lora" in stage.components.values():
+            raise ConfigError(f"stages.{stage.name}: LoRA cannot be injected into FSDP shards; "
+                              "use train.distributed=ddp for LoRA stages")
     if state is not None and len(state["ranks"]) != dist.world:
         raise CheckpointError(f"{state['folder']}: written by {len(state['ranks'])} process(es), resumed with "
                               f"{dist.world}; each process's data position is saved, so resume with as many")
 
     _seed_everything(recipe.train.seed)  # the recipe's model initialises from it; each stage then seeds its own
     model = _initial_model(recipe, stages[0], out, log)
+    for stage in stages:
+        check_stage_parts(model, stage)
     model.to(dist.device)
     processor = OmniProcessor.from_model(model)
     evaluator = Evaluator(recipe.evals, processor, warn=log.print) if recipe.evals else None
@@ -83,9 +89,6 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
               evaluator: Evaluator | None, dist: Distributed, log: "_Log", state: dict | None) -> Path:
     settings = recipe.train
     out = Path(settings.out_dir)
-    if dist.world > 1 and settings.distributed == "fsdp" and "lora" in stage.components.values():
-        raise ConfigError(f"stages.{stage.name}: LoRA cannot be injected into FSDP shards; "
-                          "use train.distributed=ddp for LoRA stages")
     if state is None:  # from its own seed, as when the stages before it ran in an earlier process (--resume, --stage)
         _seed_everything(recipe.stage_seed(stage))
     rows = configure_stage(model, stage, settings.lora)
@@ -355,11 +358,15 @@ spreads and recomputes its work do not change what its weights are trained on, o
 
 def _settings(recipe: Recipe, stage: StageConfig) -> dict:
     """What a stage was trained with, as its stage.json and checkpoints record it: the stage's settings
-    and the recipe's `train` settings that shape the weights."""
-    train = {key: value for key, value in asdict(recipe.train).items() if f"train.{key}" not in NOT_COMPARED}
+    (data paths relative to `data_dir`, so that moving the data is no change) and the recipe's `train`
+    settings that shape the weights."""
+    settings = asdict(stage)
+    for spec in settings["data"]:
+        spec["path"] = os.path.relpath(spec["path"], recipe.data_dir)
+    train = asdict(recipe.train)
     if "lora" not in stage.components.values():
         del train["lora"]  # shapes no weight of this stage
-    return {"stage": asdict(stage), "train": train}
+    return {"stage": settings, "train": train}
 
 
 def _changed_settings(now: dict, then: dict) -> list[str]:

@@ -6,8 +6,6 @@ parts' configs, so a 7B recipe is checked in seconds.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from omniforge.data.dataset import JsonlConversations, mean_sample_tokens, open_mixture
@@ -21,13 +19,13 @@ PROBE = 32
 
 
 def dry_run(recipe: Recipe, world: int = 1) -> tuple[str, list[str]]:
-    """A report of every stage (component table, data, steps and token budget) and the data files
-    that are missing, which a run would stop on before training. Raises on a bad recipe; a model
+    """A report of every stage (component table, data, steps and token budget) and the data and eval
+    files that are missing, which a run would stop on before training. Raises on a bad recipe; a model
     that cannot be built from its configs, or a missing file, is reported in the plan, which then
     goes without the counts they would give."""
     from omniforge.model.omni import OmniModel
 
-    missing = []
+    missing = recipe.missing_files()
     lines = [f"recipe: {len(recipe.stages)} stage(s), out_dir {recipe.train.out_dir}"]
     try:
         with torch.device("meta"):
@@ -41,8 +39,7 @@ def dry_run(recipe: Recipe, world: int = 1) -> tuple[str, list[str]]:
         if model is not None:
             lines.append(format_table(configure_stage(model, stage, recipe.train.lora)))
             merge_lora(model)  # as the loop does at a stage end: the next stage counts merged weights, not adapters
-        absent = [spec.path for spec in stage.data if not Path(spec.path).is_file()]
-        missing += [path for path in absent if path not in missing]
+        absent = [spec.path for spec in stage.data if spec.path in missing]
         sizes = [0 if spec.path in absent else len(JsonlConversations(spec.path)) for spec in stage.data]
         for spec, size in zip(stage.data, sizes):
             lines.append(f"  data {spec.path}: " + ("MISSING" if spec.path in absent else f"{size} records")

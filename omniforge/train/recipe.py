@@ -130,11 +130,6 @@ class StageConfig:
                 f"must be <= steps ({self.steps}), got {self.warmup_steps}")
         require(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "must be within [0, 1]")
 
-    def check_data_files(self) -> None:
-        """Raise ConfigError unless every dataset of the stage is a file (checked before a run trains anything)."""
-        for i, spec in enumerate(self.data):
-            require(Path(spec.path).is_file(), f"stages.{self.name}.data[{i}].path", f"{spec.path} is not a file")
-
     def total_steps(self, records: int, world: int, mean_tokens: float | None) -> int | None:
         """Optimizer steps: `steps`, or `epochs` passes over a mixture of `records` samples (a packed
         row holds batch_tokens // mean_tokens of them); None if that needs `mean_tokens` and it is None."""
@@ -193,7 +188,14 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     evals: list[EvalSpec] = field(default_factory=list)
     data_dir: str | None = None
-    """Folder that relative data, eval, tokenizer and model-folder paths resolve against (default: the recipe's)."""
+    """Folder that relative data, eval, tokenizer and model-folder paths resolve against (default: the
+    recipe's); absolute once loaded."""
+
+    def missing_files(self, stages: list[StageConfig] | None = None) -> list[str]:
+        """The data files of `stages` (default: all) and the eval files that are not there, each once,
+        in recipe order."""
+        paths = [spec.path for stage in stages or self.stages for spec in stage.data] + [e.path for e in self.evals]
+        return [path for path in dict.fromkeys(paths) if not Path(path).is_file()]
 
     def validate(self, key: str) -> None:
         names = [s.name for s in self.stages]
@@ -237,7 +239,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             o.startswith("model.") for o in overrides)
         where = f"{path} (its model: {model_file})" if in_model_file else path
         raise ConfigError(f"{where}: {e}") from None
-    base = _resolve(recipe.data_dir, path.parent) if recipe.data_dir else path.parent
+    base = _resolve(recipe.data_dir, path.parent) if recipe.data_dir else _resolve(".", path.parent)
+    recipe.data_dir = str(base)
     for spec in [d for stage in recipe.stages for d in stage.data] + recipe.evals:
         spec.path = str(_resolve(spec.path, base))
     model = recipe.model  # relative model folders too: e.g. the synthetic world's tokenizer and encoders
