@@ -68,12 +68,9 @@ def _check_seconds(source, seconds: float, max_seconds: float) -> None:
 def _decode_soundfile(stream, source, max_seconds: float) -> tuple[np.ndarray, int]:
     import soundfile
 
-    info = soundfile.info(stream)
-    _check_seconds(source, info.frames / info.samplerate, max_seconds)  # before decoding it all into memory
-    if isinstance(stream, io.BytesIO):
-        stream.seek(0)
-    waveform, rate = soundfile.read(stream, dtype="float32", always_2d=True)
-    return waveform, rate
+    with soundfile.SoundFile(stream) as sound:  # opened once: the header's length, then the samples
+        _check_seconds(source, sound.frames / sound.samplerate, max_seconds)  # before decoding it all into memory
+        return sound.read(dtype="float32", always_2d=True), sound.samplerate
 
 
 def _decode_av(stream, source, max_seconds: float) -> tuple[np.ndarray, int]:

@@ -342,12 +342,13 @@ def _exported_at(recipe: Recipe, stage: StageConfig, export: Path, after: float,
     """When `stage` was exported to `export` (its stage.json is written last, inside the atomic
     folder), if after `after` and with the settings the recipe gives it now; else None."""
     record = export / "stage.json"
-    if not record.is_file() or record.stat().st_mtime <= after:
+    written = record.stat().st_mtime if record.is_file() else None
+    if written is None or written <= after:
         return None
     if changed := _changed_settings(_settings(recipe, stage), json.loads(record.read_text())):
         log.print(f"--resume: {export} was made with other settings of {', '.join(changed)}; running {stage.name} again")
         return None
-    return record.stat().st_mtime
+    return written
 
 
 NOT_COMPARED = {"eval_every", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints",

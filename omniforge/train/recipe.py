@@ -239,7 +239,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             o.startswith("model.") for o in overrides)
         where = f"{path} (its model: {model_file})" if in_model_file else path
         raise ConfigError(f"{where}: {e}") from None
-    base = _resolve(recipe.data_dir, path.parent) if recipe.data_dir else _resolve(".", path.parent)
+    base = _resolve(recipe.data_dir or ".", path.parent)
     recipe.data_dir = str(base)
     for spec in [d for stage in recipe.stages for d in stage.data] + recipe.evals:
         spec.path = str(_resolve(spec.path, base))
