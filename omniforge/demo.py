@@ -162,14 +162,16 @@ def pocketsphinx_wer(asr_file: Path, limit: int) -> dict:
     """PocketSphinx's corpus WER on the first `limit` ASR test utterances (the ones we are scored on)."""
     from omniforge.eval.metrics import wer
     from omniforge.eval.pocketsphinx_peer import available, transcribe
+    from omniforge.eval.readers import Sample, TaskSpec, load_tasks
     from omniforge.processing.audio import load_audio
 
     if not available():
         return {"wer": None, "utterances": 0, "note": "pocketsphinx is not installed"}
-    records = [json.loads(line) for line in asr_file.read_text().splitlines() if line.strip()][:limit]
-    hypotheses = [transcribe(load_audio(asr_file.parent / r["audios"][0])) for r in records]
-    references = [r["messages"][-1]["content"] for r in records]
-    return {"wer": wer(hypotheses, references), "utterances": len(records),
+    [task] = load_tasks(TaskSpec("asr", "jsonl", asr_file), limit)  # read as our model's evaluation reads it
+    samples = [s for s in task.items if isinstance(s, Sample)]
+    hypotheses = [transcribe(load_audio(s.media["audio"][0])) for s in samples]
+    references = [s.reference for s in samples]
+    return {"wer": wer(hypotheses, references), "utterances": len(samples),
             "samples": [{"reference": r, "pocketsphinx": h} for r, h in list(zip(references, hypotheses))[:5]]}
 
 
