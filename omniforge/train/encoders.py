@@ -9,7 +9,7 @@ the pretrained LLM, this module pretrains each encoder with its own objective, o
 training side only (training (colour, shape) pairs, training voices):
 
 - vision: scenes and words rendered on the fly by `omniforge.data.synthetic.scenes`;
-  per pooled token, the colour, shape and size under it (dense labels from a rendered label map);
+  per pooled token, the colour and shape under it (dense labels from a rendered label map);
   per image, the count, each shape's colour and size, each colour's shape, the leftmost shape
   and its colour, and the word (the facts a caption or a question about the image states).
   A share of the scenes (`recolour_fraction`; half in `recipes/micro_encoders.yaml`) is drawn
@@ -37,7 +37,7 @@ from torch import nn
 
 from omniforge.config import VisionConfig, from_dict, read_yaml, require
 from omniforge.data.synthetic import scenes
-from omniforge.data.synthetic.scenes import COLOURS, SHAPES, SIZES, WORDS
+from omniforge.data.synthetic.scenes import COLOURS, SHAPES, WORDS
 from omniforge.errors import ConfigError
 from omniforge.processing.counts import ENCODER_STRIDE
 
@@ -167,7 +167,7 @@ class _SceneSampler:
         for i, shape in enumerate(shapes):
             scenes.draw_shape(ImageDraw.Draw(mask), shape, t, t, fill=i + 1)
         labels.update(word=0, count=len(shapes), colour_of=[0] * len(SHAPES), kind_of=[0] * len(COLOURS),
-                      cell_colour=[0] * cells, cell_kind=[0] * cells, cell_size=[0] * cells)
+                      cell_colour=[0] * cells, cell_kind=[0] * cells)
         for shape in shapes:  # a scene's shapes have distinct kinds and colours
             kind, colour = SHAPES.index(shape.kind), list(COLOURS).index(shape.colour)
             labels["colour_of"][kind], labels["kind_of"][colour] = colour + 1, kind + 1
@@ -179,7 +179,6 @@ class _SceneSampler:
             owner = shapes[int(covered[cell].argmax())]
             labels["cell_colour"][cell] = list(COLOURS).index(owner.colour) + 1
             labels["cell_kind"][cell] = SHAPES.index(owner.kind) + 1
-            labels["cell_size"][cell] = SIZES.index(owner.size) + 1
         leftmost = min(shapes, key=lambda s: s.x)
         labels["leftmost"], labels["leftmost_colour"] = SHAPES.index(leftmost.kind), list(COLOURS).index(leftmost.colour)
         if recoloured:  # none of the world's colours: nothing about colour is labelled
@@ -193,17 +192,17 @@ def _label_slots(cells: int) -> dict[str, int]:
     """Entries per label: one per pooled token, per shape kind, per colour, or one per image."""
     k, c = len(SHAPES), len(COLOURS)
     return {"word": 1, "count": 1, "leftmost": 1, "leftmost_colour": 1, "colour_of": k, "kind_of": c,
-            "size_of": k, "cell_colour": cells, "cell_kind": cells, "cell_size": cells}
+            "size_of": k, "cell_colour": cells, "cell_kind": cells}
 
 
 class _VisionHeads(nn.Module):
-    """Linear read-outs: per pooled token (colour, kind and size under it) and per image (mean of the tokens)."""
+    """Linear read-outs: per pooled token (colour, kind under it) and per image (mean of the tokens)."""
 
     def __init__(self, dim: int):
         super().__init__()
         k, c = len(SHAPES), len(COLOURS) + 1
-        self.sizes = {"cell_colour": c, "cell_kind": k + 1, "cell_size": len(SIZES) + 1, "word": len(WORDS) + 1,
-                      "count": 4, "leftmost": k, "leftmost_colour": c - 1, "colour_of": c, "kind_of": k + 1, "size_of": 2}
+        self.sizes = {"cell_colour": c, "cell_kind": k + 1, "word": len(WORDS) + 1, "count": 4, "leftmost": k,
+                      "leftmost_colour": c - 1, "colour_of": c, "kind_of": k + 1, "size_of": 2}
         self.slots = {name: n for name, n in _label_slots(0).items() if n > 1}  # per shape kind / colour
         self.heads = nn.ModuleDict({name: nn.Linear(dim, n * self.slots.get(name, 1))
                                     for name, n in self.sizes.items()})

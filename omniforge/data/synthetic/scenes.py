@@ -14,8 +14,6 @@ import numpy as np
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (50, 80, 230), "yellow": (235, 205, 30),
            "purple": (150, 60, 190), "orange": (240, 130, 20)}
 SHAPES = ("circle", "square", "triangle", "diamond")
-SIZES = ("small", "big")
-"""A shape's size as a word, by `Shape.big`."""
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 WORDS = ("cat", "dog", "sun", "map", "box", "cup", "hat", "pen", "bus", "fox", "egg", "key",
          "owl", "jam", "net", "toy", "bag", "car", "ink", "log")
@@ -36,10 +34,6 @@ class Shape:
     @property
     def name(self) -> str:
         return f"{self.colour} {self.kind}"
-
-    @property
-    def size(self) -> str:
-        return SIZES[self.big]
 
 
 def pairs(split: str) -> list[tuple[str, str]]:

@@ -6,7 +6,6 @@
     DIR/world.json                        sizes, voices, held-out combinations, seed
 
 Tasks: caption, image_qa, image_lookups (the colour and shape of every shape of a scene, training only),
-size_lookups (the size of every shape of a scene, training only),
 ocr, hires (small details that need tiling), video_qa,
 video_directions (short clips of one shape crossing the frame, "which way?", training only),
 asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud) and,
@@ -64,7 +63,6 @@ class WorldSize:
     caption: int = 1200
     image_qa: int = 2400
     image_lookups: int = 3000
-    size_lookups: int = 12000
     ocr: int = 700
     hires: int = 500
     video_qa: int = 900
@@ -79,9 +77,8 @@ class WorldSize:
 
     @classmethod
     def quick(cls) -> "WorldSize":
-        return cls(caption=200, image_qa=400, image_lookups=300, size_lookups=300, ocr=120, hires=80, video_qa=150,
-                   video_directions=150, asr=350, translation=120, spoken_qa=200, background=100, text_qa=150,
-                   text_lm=500, eval_size=40)
+        return cls(caption=200, image_qa=400, image_lookups=300, ocr=120, hires=80, video_qa=150, video_directions=150, asr=350,
+                   translation=120, spoken_qa=200, background=100, text_qa=150, text_lm=500, eval_size=40)
 
 
 @dataclass
@@ -111,7 +108,6 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
             "caption": builder.captions(split, n("caption")) if split == "train" else [],
             "image_qa": builder.image_qa(split, n("image_qa")),
             "image_lookups": builder.image_lookups(split, n("image_lookups")) if split == "train" else [],
-            "size_lookups": builder.size_lookups(split, n("size_lookups")) if split == "train" else [],
             "ocr": builder.ocr(split, n("ocr")),
             "hires": builder.hires(split, n("hires")),
             "video_qa": builder.video_qa(split, n("video_qa")),
@@ -203,26 +199,13 @@ class _Builder:
         shapes is what makes the LLM use the question word: in a drill, lookups reached 97 % after
         300 steps of 32 such records, against 61 % with one question a sample, and 36 % after 200
         steps with "Is the <shape> big or small?" asked too (session 11)."""
-        return self.scene_lookups(split, n, "image_lookups", "lookups",
-                                  lambda shape: [lookup_question(shape, by_colour) for by_colour in (False, True)])
-
-    def size_lookups(self, split: str, n: int) -> list[Record]:
-        """"Is the <shape> big or small?" for every shape of one scene of two or three shapes, in random
-        order. Size is read off the picture only after such a drill: about 50,000 questions in 600
-        steps of 2048 tokens, beside the image lookups (where sizes differ: 100 / 93 % with 2 / 3
-        shapes, from chance); image QA holds a few thousand (session 17)."""
-        return self.scene_lookups(split, n, "size_lookups", "size_lookups", lambda shape: [size_question(shape)])
-
-    def scene_lookups(self, split: str, n: int, task: str, prefix: str, questions) -> list[Record]:
-        """Records of one fresh scene of two or three shapes each, asked `questions(shape)` about every
-        shape, in random order."""
-        rng = self.rng(split, task)
+        rng = self.rng(split, "image_lookups")
         records = []
         for i in range(n):
-            shapes, image = self.scene_image(split, rng, f"{prefix}_{i:05d}.png", fewest=2)
-            asked = [q for shape in shapes for q in questions(shape)]
-            turns = _turns("<image>", [asked[j] for j in rng.permutation(len(asked))])
-            records.append(Record(task, "exact_match", turns, images=[image]))
+            shapes, image = self.scene_image(split, rng, f"lookups_{i:05d}.png", fewest=2)
+            lookups = [lookup_question(shape, by_colour) for shape in shapes for by_colour in (False, True)]
+            turns = _turns("<image>", [lookups[j] for j in rng.permutation(len(lookups))])
+            records.append(Record("image_lookups", "exact_match", turns, images=[image]))
         return records
 
     def ocr(self, split: str, n: int) -> list[Record]:
@@ -435,7 +418,7 @@ def lookup_question(shape: scenes.Shape, by_colour: bool) -> tuple[str, str]:
 
 def size_question(shape: scenes.Shape) -> tuple[str, str]:
     """"Is the <shape> big or small?" and its answer."""
-    return f"Is the {shape.kind} big or small?", shape.size
+    return f"Is the {shape.kind} big or small?", "big" if shape.big else "small"
 
 
 def _turns(placeholder: str, questions) -> list[dict]:
