@@ -228,11 +228,17 @@ def test_vision_pretraining_labels_match_the_rendered_pixels():
                 rgb = scenes.COLOURS[list(scenes.COLOURS)[colour - 1]]
                 assert (np.abs(pixels[cell].astype(int) - rgb).sum(-1) == 0).sum() > 0
                 checked += 1
-        assert 1 <= labels["count"] <= 3 and sum(c > 0 for c in labels["colour_of"]) == labels["count"]
-        drawn = {(list(scenes.COLOURS)[c - 1], scenes.SHAPES[k]) for k, c in enumerate(labels["colour_of"]) if c}
+        drawn = {(list(scenes.COLOURS)[c - 1], scenes.SHAPES[k - 1])
+                 for c, k in zip(labels["cell_colour"], labels["cell_kind"]) if c}
+        assert 1 <= len(drawn) == labels["count"] <= 3
         assert not drawn & scenes.HELD_OUT  # pretraining sees only the training combinations
-        mirrored = {(list(scenes.COLOURS)[c], scenes.SHAPES[k - 1]) for c, k in enumerate(labels["kind_of"]) if k}
-        assert mirrored == drawn  # distinct colours: "what shape is red?" has one answer
+        for name in ("cell_size", "cell_order"):  # a size and a place wherever a shape is
+            assert [k > 0 for k in labels["cell_kind"]] == [v > 0 for v in labels[name]]
+        columns = {}  # place from the left -> mean column of its cells
+        for cell, place in enumerate(labels["cell_order"]):
+            columns.setdefault(place, []).append(cell % 4)
+        means = [np.mean(columns[p]) for p in sorted(columns) if p]
+        assert means == sorted(means) and set(columns) - {0} == set(range(1, len(means) + 1))
     assert checked > 20
 
 
@@ -251,8 +257,7 @@ def test_recoloured_pretraining_scenes_label_shape_but_not_colour():
         shape_pixels = np.abs(np.asarray(image).astype(int) - scenes.BACKGROUND).max(-1) > 40
         rgb = np.asarray(image)[shape_pixels].astype(int)
         assert not (np.abs(rgb[:, None] - named[None]).sum(-1) == 0).any()  # none of the world's colours
-        assert {-100} == set(labels["cell_colour"]) == set(labels["colour_of"]) == set(labels["kind_of"])
-        assert labels["leftmost_colour"] == -100
+        assert set(labels["cell_colour"]) == {-100}
         assert any(k > 0 for k in labels["cell_kind"]) and 1 <= labels["count"] <= 3
     assert scenes_seen > 15
 

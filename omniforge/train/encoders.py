@@ -9,9 +9,12 @@ the pretrained LLM, this module pretrains each encoder with its own objective, o
 training side only (training (colour, shape) pairs, training voices):
 
 - vision: scenes and words rendered on the fly by `omniforge.data.synthetic.scenes`;
-  per pooled token, the colour and shape under it (dense labels from a rendered label map);
-  per image, the count, each shape's colour and size, each colour's shape, the leftmost shape
-  and its colour, and the word (the facts a caption or a question about the image states).
+  per pooled token, the colour, shape and size under it and that shape's place from the left
+  (dense labels from a rendered label map); per image, only what no one token holds: the
+  count and the word. No label says which shape has which colour: read off the mean of the
+  tokens, such labels taught the tower to pack every (colour, shape) pair of a scene into a
+  summary, which the LLM then read instead of finding the object asked about, and a held-out
+  pair has no summary to be read by (BENCHMARKS.md, session 19).
   A share of the scenes (`recolour_fraction`; half in `recipes/micro_encoders.yaml`) is drawn
   in random colours and labelled for all but colour, so that the tower reads a shape whatever
   its colour: trained on the world's colours alone, it told the shape of a held-out pair's
@@ -155,7 +158,7 @@ class _SceneSampler:
         from PIL import Image, ImageDraw
 
         t, rng, cells = self.spec.tile_size, self.rng, self.grid * self.grid
-        labels = {name: [-100] * slots if slots > 1 else -100 for name, slots in _label_slots(cells).items()}
+        labels = {name: [-100] * cells if _per_token(name) else -100 for name in _LABELS}
         if rng.random() < self.spec.word_fraction:
             word = int(rng.integers(len(WORDS)))
             image = scenes.word_image(WORDS[word], t, t, rng)  # as OCR and each tile of a hi-res image show it
@@ -166,59 +169,45 @@ class _SceneSampler:
         mask = Image.new("L", (t, t), 0)
         for i, shape in enumerate(shapes):
             scenes.draw_shape(ImageDraw.Draw(mask), shape, t, t, fill=i + 1)
-        labels.update(word=0, count=len(shapes), colour_of=[0] * len(SHAPES), kind_of=[0] * len(COLOURS),
-                      cell_colour=[0] * cells, cell_kind=[0] * cells)
-        for shape in shapes:  # a scene's shapes have distinct kinds and colours
-            kind, colour = SHAPES.index(shape.kind), list(COLOURS).index(shape.colour)
-            labels["colour_of"][kind], labels["kind_of"][colour] = colour + 1, kind + 1
-            labels["size_of"][kind] = int(shape.big)
+        labels.update(word=0, count=len(shapes), **{name: [0] * cells for name in _LABELS if _per_token(name)})
+        order = sorted(range(len(shapes)), key=lambda i: shapes[i].x)
         side = t // self.grid
         owners = np.asarray(mask).reshape(self.grid, side, self.grid, side).transpose(0, 2, 1, 3).reshape(cells, -1)
         covered = (owners[:, :, None] == np.arange(1, len(shapes) + 1)).sum(1)  # (cells, shapes) pixels
         for cell in np.flatnonzero(covered.max(1) >= 0.05 * side * side):  # a shape covers at least 5 % of the cell
-            owner = shapes[int(covered[cell].argmax())]
+            index = int(covered[cell].argmax())
+            owner = shapes[index]
             labels["cell_colour"][cell] = list(COLOURS).index(owner.colour) + 1
             labels["cell_kind"][cell] = SHAPES.index(owner.kind) + 1
-        leftmost = min(shapes, key=lambda s: s.x)
-        labels["leftmost"], labels["leftmost_colour"] = SHAPES.index(leftmost.kind), list(COLOURS).index(leftmost.colour)
-        if recoloured:  # none of the world's colours: nothing about colour is labelled
-            labels["leftmost_colour"] = -100
-            for key in ("colour_of", "kind_of", "cell_colour"):
-                labels[key] = [-100] * len(labels[key])
+            labels["cell_size"][cell] = int(owner.big) + 1
+            labels["cell_order"][cell] = order.index(index) + 1
+        if recoloured:  # none of the world's colours: colour is not labelled
+            labels["cell_colour"] = [-100] * cells
         return image, labels
 
 
-def _label_slots(cells: int) -> dict[str, int]:
-    """Entries per label: one per pooled token, per shape kind, per colour, or one per image."""
-    k, c = len(SHAPES), len(COLOURS)
-    return {"word": 1, "count": 1, "leftmost": 1, "leftmost_colour": 1, "colour_of": k, "kind_of": c,
-            "size_of": k, "cell_colour": cells, "cell_kind": cells}
+_LABELS = {"cell_colour": len(COLOURS) + 1, "cell_kind": len(SHAPES) + 1, "cell_size": 3, "cell_order": 4,
+           "word": len(WORDS) + 1, "count": 4}
+"""Classes per label; 0 is "none" (background under a token, no word). The `cell_` labels are per
+pooled token: the colour, kind, size (small, big) of the shape under it, and its place counted
+from the left (1-3); the others per image: the word, the count (1-3)."""
+
+
+def _per_token(name: str) -> bool:
+    return name.startswith("cell_")
 
 
 class _VisionHeads(nn.Module):
-    """Linear read-outs: per pooled token (colour, kind under it) and per image (mean of the tokens)."""
+    """Linear read-outs: per pooled token (`cell_` labels) and per image (the mean of the tokens)."""
 
     def __init__(self, dim: int):
         super().__init__()
-        k, c = len(SHAPES), len(COLOURS) + 1
-        self.sizes = {"cell_colour": c, "cell_kind": k + 1, "word": len(WORDS) + 1, "count": 4, "leftmost": k,
-                      "leftmost_colour": c - 1, "colour_of": c, "kind_of": k + 1, "size_of": 2}
-        self.slots = {name: n for name, n in _label_slots(0).items() if n > 1}  # per shape kind / colour
-        self.heads = nn.ModuleDict({name: nn.Linear(dim, n * self.slots.get(name, 1))
-                                    for name, n in self.sizes.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, n) for name, n in _LABELS.items()})
 
     def logits(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tokens (N, L, D) -> {label: (..., classes)} shaped like the labels plus a class axis."""
+        """tokens (N, L, D) -> {label: (N, L, classes) per token or (N, classes) per image}."""
         pooled = tokens.mean(1)
-        out = {}
-        for name, head in self.heads.items():
-            if name.startswith("cell_"):
-                out[name] = head(tokens)
-            elif name in self.slots:
-                out[name] = head(pooled).view(len(pooled), self.slots[name], self.sizes[name])
-            else:
-                out[name] = head(pooled)
-        return out
+        return {name: head(tokens if _per_token(name) else pooled) for name, head in self.heads.items()}
 
     def loss(self, tokens: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of the cross-entropies of every label the batch has (a batch of scenes has no word)."""
@@ -231,7 +220,7 @@ class _VisionHeads(nn.Module):
         scores = {}
         for name, logits in self.logits(tokens).items():
             target = labels[name]
-            keep = target > 0 if name.startswith("cell_") or name in ("word", "colour_of", "kind_of") else target != -100
+            keep = target > 0 if _per_token(name) or name == "word" else target != -100
             scores[name] = round(100 * (logits.argmax(-1) == target)[keep].float().mean().item(), 1)
         return scores
 
