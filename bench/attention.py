@@ -39,18 +39,6 @@ def questions(shape: scenes.Shape) -> dict[str, tuple[str, str]]:
             "Is the <shape> big or small? (by shape)": (size_question(shape)[0], shape.kind)}
 
 
-def coverage(shapes: list[scenes.Shape]) -> np.ndarray:
-    """(shapes, tokens): the share of each pooled token's pixels that each shape covers."""
-    from PIL import Image, ImageDraw
-
-    mask = Image.new("L", (TILE, TILE), 0)
-    for i, shape in enumerate(shapes):
-        scenes.draw_shape(ImageDraw.Draw(mask), shape, TILE, TILE, fill=i + 1)
-    side = TILE // GRID
-    owners = np.asarray(mask).reshape(GRID, side, GRID, side).transpose(0, 2, 1, 3).reshape(GRID * GRID, -1)
-    return np.stack([(owners == i + 1).mean(1) for i in range(len(shapes))])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a saved omniforge model (e.g. runs/demo/checkpoint)")
@@ -67,7 +55,7 @@ def main() -> None:
     chance = []
     for _ in range(args.scenes):
         shapes = scenes.scene(rng, args.split, int(rng.integers(2, 4)))
-        image, cover = scenes.render(shapes, TILE, TILE, rng), coverage(shapes)
+        image, cover = scenes.render(shapes, TILE, TILE, rng), scenes.coverage(shapes, TILE, GRID).T  # (shapes, tokens)
         for asked, shape in enumerate(shapes):
             chance.append(1 / len(shapes))
             for kind, (question, name) in questions(shape).items():
@@ -93,7 +81,7 @@ def main() -> None:
     print(f"{args.checkpoint}: {len(chance)} objects of {args.scenes} fresh {args.split}-split scenes; "
           f"chance {100 * np.mean(chance):.0f} %\n")
     print("| question | best head at the word naming the object | best head at the answer position |\n|---|---|---|")
-    for kind in questions(shapes[0]):
+    for kind in dict.fromkeys(key[0] for key in hits):
         cells = []
         for where in ("at the word", "answering"):
             rate, layer, head = max((np.mean(v), key[2], key[3]) for key, v in hits.items() if key[:2] == (kind, where))

@@ -155,8 +155,6 @@ class _SceneSampler:
 
     def sample(self):
         """One image and its labels: a rendered word or a scene of 1-3 shapes."""
-        from PIL import Image, ImageDraw
-
         t, rng, cells = self.spec.tile_size, self.rng, self.grid * self.grid
         labels = {name: [-100] * cells if _per_token(name) else -100 for name in _LABELS}
         if rng.random() < self.spec.word_fraction:
@@ -166,14 +164,9 @@ class _SceneSampler:
         shapes = scenes.scene(rng, self.split, int(rng.integers(1, 4)))
         recoloured = self.recolour_fraction > 0 and rng.random() < self.recolour_fraction
         image = scenes.render(shapes, t, t, rng, [scenes.random_fill(rng) for _ in shapes] if recoloured else None)
-        mask = Image.new("L", (t, t), 0)
-        for i, shape in enumerate(shapes):
-            scenes.draw_shape(ImageDraw.Draw(mask), shape, t, t, fill=i + 1)
         labels.update(word=0, count=len(shapes), **{name: [0] * cells for name in _LABELS if _per_token(name)})
         order = sorted(range(len(shapes)), key=lambda i: shapes[i].x)
-        side = t // self.grid
-        owners = np.asarray(mask).reshape(self.grid, side, self.grid, side).transpose(0, 2, 1, 3).reshape(cells, -1)
-        covered = (owners[:, :, None] == np.arange(1, len(shapes) + 1)).sum(1)  # (cells, shapes) pixels
+        covered, side = scenes.coverage(shapes, t, self.grid), t // self.grid  # (cells, shapes) pixels
         for cell in np.flatnonzero(covered.max(1) >= 0.05 * side * side):  # a shape covers at least 5 % of the cell
             index = int(covered[cell].argmax())
             owner = shapes[index]

@@ -91,6 +91,19 @@ def render(shapes: list[Shape], width: int, height: int, rng: np.random.Generato
     return image
 
 
+def coverage(shapes: list[Shape], size: int, grid: int) -> np.ndarray:
+    """(grid * grid, shapes): how many pixels of each cell of a `grid` x `grid` split of a square
+    `size`-px picture each shape covers, cells in row-major order (as a tile's pooled tokens)."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (size, size), 0)
+    for i, shape in enumerate(shapes):
+        draw_shape(ImageDraw.Draw(mask), shape, size, size, fill=i + 1)
+    side = size // grid
+    owners = np.asarray(mask).reshape(grid, side, grid, side).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    return (owners[:, :, None] == np.arange(1, len(shapes) + 1)).sum(1)
+
+
 def scene(rng: np.random.Generator, split: str, count: int) -> list[Shape]:
     """`count` shapes of distinct kinds and distinct colours (so "what shape is red?" has one answer),
     spread left to right without overlapping."""
