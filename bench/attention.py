@@ -71,20 +71,20 @@ def variance_share(features: torch.Tensor, labels: list) -> float:
 
 def probes(model: OmniModel, processor: OmniProcessor, rng: np.random.Generator, count: int,
            split: str) -> dict[str, tuple[float, float]]:
-    """For each attribute of the shape under an image token (one that a shape covers at least 5 % of,
-    as the stand-in tower is labelled), from the LLM's input embeddings: a linear probe's held-out
+    """For each attribute of the shape under an image token (`scenes.cell_owners`, as the stand-in
+    tower is labelled), from the LLM's input embeddings: a linear probe's held-out
     accuracy (%) and the share (%) of the embeddings' variance between the attribute's class means."""
     features, labels, train = [], [], 0
     for index in range(count):
         shapes = scenes.scene(rng, split, int(rng.integers(2, 4)))
-        image, cover = scenes.render(shapes, TILE, TILE, rng), scenes.coverage(shapes, TILE, GRID)  # (tokens, shapes)
+        image, owners = scenes.render(shapes, TILE, TILE, rng), scenes.cell_owners(shapes, TILE, GRID)
         encoded = processor.encode([{"role": "user", "content": "<image>"}], {"image": [image]}, add_generation_prompt=True)
         batch = processor.collate([encoded])
         ids = batch["input_ids"]
         with torch.no_grad():
             embeds = model.embed(ids, pixel_values=batch["pixel_values"])[0, ids[0] == model.token_ids["image"]]
-        for token in np.flatnonzero(cover.max(1) >= 0.05 * (TILE // GRID) ** 2):
-            shape = shapes[int(cover[token].argmax())]
+        for token in np.flatnonzero(owners >= 0):
+            shape = shapes[owners[token]]
             features.append(embeds[token])
             labels.append({"colour": shape.colour, "shape": shape.kind, "size": shape.big})
         if index < count * 3 // 4:

@@ -166,9 +166,9 @@ class _SceneSampler:
         image = scenes.render(shapes, t, t, rng, [scenes.random_fill(rng) for _ in shapes] if recoloured else None)
         labels.update(word=0, count=len(shapes), **{name: [0] * cells for name in _LABELS if _per_token(name)})
         order = sorted(range(len(shapes)), key=lambda i: shapes[i].x)
-        covered, side = scenes.coverage(shapes, t, self.grid), t // self.grid  # (cells, shapes) pixels
-        for cell in np.flatnonzero(covered.max(1) >= 0.05 * side * side):  # a shape covers at least 5 % of the cell
-            index = int(covered[cell].argmax())
+        owners = scenes.cell_owners(shapes, t, self.grid)
+        for cell in np.flatnonzero(owners >= 0):
+            index = int(owners[cell])
             owner = shapes[index]
             labels["cell_colour"][cell] = list(COLOURS).index(owner.colour) + 1
             labels["cell_kind"][cell] = SHAPES.index(owner.kind) + 1

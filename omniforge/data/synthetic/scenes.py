@@ -104,6 +104,13 @@ def coverage(shapes: list[Shape], size: int, grid: int) -> np.ndarray:
     return (owners[:, :, None] == np.arange(1, len(shapes) + 1)).sum(1)
 
 
+def cell_owners(shapes: list[Shape], size: int, grid: int, min_share: float = 0.05) -> np.ndarray:
+    """(grid * grid,): per cell (as `coverage`), the index of the shape covering most of it, or -1
+    where none covers `min_share` of the cell: whose attributes a pooled token is labelled with."""
+    covered = coverage(shapes, size, grid)
+    return np.where(covered.max(1) >= min_share * (size // grid) ** 2, covered.argmax(1), -1)
+
+
 def scene(rng: np.random.Generator, split: str, count: int) -> list[Shape]:
     """`count` shapes of distinct kinds and distinct colours (so "what shape is red?" has one answer),
     spread left to right without overlapping."""
