@@ -109,6 +109,7 @@ def main() -> None:
     processor = OmniProcessor.from_model(model)
     image_id, tokenizer = model.token_ids["image"], processor.tokenizer
     rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)  # the probes' initial weights: the same figures run to run
     hits = defaultdict(list)  # (kind, where, layer, head) -> [looked hardest at the asked shape]
     chance = []
     for _ in range(args.scenes):
