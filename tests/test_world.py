@@ -15,8 +15,8 @@ from omniforge.data.synthetic.world import WorldSize, synthesize_world
 from omniforge.errors import ConfigError
 from omniforge.eval.readers import TaskSpec, load_tasks
 
-SMALL = WorldSize(caption=4, image_qa=6, image_lookups=4, ocr=3, hires=3, video_qa=4, video_directions=8, asr=5, translation=3,
-                  spoken_qa=4, background=4, text_qa=4, text_lm=6, eval_size=4)
+SMALL = WorldSize(caption=4, image_qa=6, image_lookups=4, image_sizes=4, ocr=3, hires=3, video_qa=4, video_directions=8, asr=5,
+                  translation=3, spoken_qa=4, background=4, text_qa=4, text_lm=6, eval_size=4)
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -41,7 +41,8 @@ def test_every_split_has_its_tasks_in_the_training_format(world):
         names = {p.stem for p in (world / split).glob("*.jsonl")}
         assert {"image_qa", "ocr", "hires", "video_qa", "asr", "translation", "spoken_qa", "background",
                 "text_qa"} <= names
-    assert {"caption", "image_lookups", "text_lm", "video_directions"} <= {p.stem for p in (world / "train").glob("*.jsonl")}
+    train_only = {"caption", "image_lookups", "image_sizes", "text_lm", "video_directions"}
+    assert train_only <= {p.stem for p in (world / "train").glob("*.jsonl")}
     for file in (world / "test").glob("*.jsonl"):
         for line in file.read_text().splitlines():
             record = json.loads(line)
@@ -141,6 +142,17 @@ def test_lookup_records_ask_the_colour_and_shape_of_every_shape_once(world):
         assert shape_of == {colour: shape for shape, colour in colour_of.items()}
 
 
+def test_size_records_ask_the_size_of_every_shape_of_a_scene_with_big_and_small_ones(world):
+    for line in (world / "train" / "image_sizes.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        questions = [q["content"].removeprefix("<image>\n") for q in record["messages"][::2]]
+        answers = [a["content"] for a in record["messages"][1::2]]
+        assert record["messages"][0]["content"].startswith("<image>\n") and len(record["images"]) == 1
+        assert all(q.startswith("Is the ") and q.endswith(" big or small?") for q in questions)
+        assert len(set(questions)) == len(questions) and 2 <= len(questions) <= 3
+        assert set(answers) == {"big", "small"}
+
+
 def test_test_split_is_an_eval_task_set_with_spoken_text_pairs(world):
     tasks = {t.name: t for t in load_tasks(TaskSpec("synth", "synth", world / "test"))}
     spoken, written = tasks["synth/spoken_qa"].items, tasks["synth/spoken_qa_text"].items
@@ -192,8 +204,8 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     stages = [r["stage"] for r in report["stages"]]
-    assert stages == ["0_text_warmup", "1a_visual_alignment", "1b_attribute_lookups", "1b_visual_fine_grained",
-                      "1c_high_resolution", "2_audio_alignment", "3_cross_modal"]
+    assert stages == ["0_text_warmup", "1a_visual_alignment", "1b_attribute_lookups", "1b_size_lookups",
+                      "1b_visual_fine_grained", "1c_high_resolution", "2_audio_alignment", "3_cross_modal"]
     final = report["stages"][-1]["scores"]
     assert {"image_qa", "video_qa", "asr", "translation", "background", "consistency", "text_qa"} <= set(final)
     assert 0 <= final["asr"]["wer"] and 0 <= final["image_qa"]["exact_match"] <= 100

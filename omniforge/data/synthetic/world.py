@@ -6,6 +6,7 @@
     DIR/world.json                        sizes, voices, held-out combinations, seed
 
 Tasks: caption, image_qa, image_lookups (the colour and shape of every shape of a scene, training only),
+image_sizes (the size of every shape of a scene whose sizes differ, training only),
 ocr, hires (small details that need tiling), video_qa,
 video_directions (short clips of one shape crossing the frame, "which way?", training only),
 asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud) and,
@@ -63,6 +64,7 @@ class WorldSize:
     caption: int = 1200
     image_qa: int = 2400
     image_lookups: int = 3000
+    image_sizes: int = 2000
     ocr: int = 700
     hires: int = 500
     video_qa: int = 900
@@ -77,8 +79,9 @@ class WorldSize:
 
     @classmethod
     def quick(cls) -> "WorldSize":
-        return cls(caption=200, image_qa=400, image_lookups=300, ocr=120, hires=80, video_qa=150, video_directions=150, asr=350,
-                   translation=120, spoken_qa=200, background=100, text_qa=150, text_lm=500, eval_size=40)
+        return cls(caption=200, image_qa=400, image_lookups=300, image_sizes=200, ocr=120, hires=80, video_qa=150,
+                   video_directions=150, asr=350, translation=120,
+                   spoken_qa=200, background=100, text_qa=150, text_lm=500, eval_size=40)
 
 
 @dataclass
@@ -108,6 +111,7 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
             "caption": builder.captions(split, n("caption")) if split == "train" else [],
             "image_qa": builder.image_qa(split, n("image_qa")),
             "image_lookups": builder.image_lookups(split, n("image_lookups")) if split == "train" else [],
+            "image_sizes": builder.image_sizes(split, n("image_sizes")) if split == "train" else [],
             "ocr": builder.ocr(split, n("ocr")),
             "hires": builder.hires(split, n("hires")),
             "video_qa": builder.video_qa(split, n("video_qa")),
@@ -150,10 +154,14 @@ class _Builder:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / name
 
-    def scene_image(self, split: str, rng: np.random.Generator, name: str,
-                    fewest: int = 1) -> tuple[list[scenes.Shape], str]:
-        """A rendered scene of `fewest`-3 shapes, saved; its shapes and the path the JSONL names."""
-        shapes = scenes.scene(rng, split, int(rng.integers(fewest, 4)))
+    def scene_image(self, split: str, rng: np.random.Generator, name: str, fewest: int = 1,
+                    mixed_sizes: bool = False) -> tuple[list[scenes.Shape], str]:
+        """A rendered scene of `fewest`-3 shapes (drawn again until big and small ones are both in it
+        if `mixed_sizes`), saved; its shapes and the path the JSONL names."""
+        while True:
+            shapes = scenes.scene(rng, split, int(rng.integers(fewest, 4)))
+            if not mixed_sizes or len({shape.big for shape in shapes}) == 2:
+                break
         image = self.path(split, "scenes", name)
         scenes.render(shapes, TILE, TILE, rng).save(image)
         return shapes, self.rel(image)
@@ -206,6 +214,19 @@ class _Builder:
             lookups = [lookup_question(shape, by_colour) for shape in shapes for by_colour in (False, True)]
             turns = _turns("<image>", [lookups[j] for j in rng.permutation(len(lookups))])
             records.append(Record("image_lookups", "exact_match", turns, images=[image]))
+        return records
+
+    def image_sizes(self, split: str, n: int) -> list[Record]:
+        """"Is the <shape> big or small?" for every shape of a scene with big and small shapes in it, in
+        random order: the size lookup keyed by a shape's name. Asked beside other questions it stayed
+        at chance in every variant tried; asked on its own, in a stage of its own after the colour and
+        shape lookups, it reached 98 / 99 % (2 / 3 shapes; session 20)."""
+        rng = self.rng(split, "image_sizes")
+        records = []
+        for i in range(n):
+            shapes, image = self.scene_image(split, rng, f"sizes_{i:05d}.png", fewest=2, mixed_sizes=True)
+            turns = _turns("<image>", [size_question(shapes[j]) for j in rng.permutation(len(shapes))])
+            records.append(Record("image_sizes", "exact_match", turns, images=[image]))
         return records
 
     def ocr(self, split: str, n: int) -> list[Record]:
