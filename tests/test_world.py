@@ -16,7 +16,7 @@ from omniforge.errors import ConfigError
 from omniforge.eval.readers import TaskSpec, load_tasks
 
 SMALL = WorldSize(caption=4, image_qa=6, image_lookups=4, image_sizes=4, ocr=3, hires=3, video_qa=4, video_directions=8, asr=5,
-                  translation=3, spoken_qa=4, background=4, text_qa=4, text_lm=6, eval_size=4)
+                  translation=3, spoken_qa=4, spoken_lookups=4, background=4, text_qa=4, text_lm=6, eval_size=4)
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -41,7 +41,7 @@ def test_every_split_has_its_tasks_in_the_training_format(world):
         names = {p.stem for p in (world / split).glob("*.jsonl")}
         assert {"image_qa", "ocr", "hires", "video_qa", "asr", "translation", "spoken_qa", "background",
                 "text_qa"} <= names
-    train_only = {"caption", "image_lookups", "image_sizes", "text_lm", "video_directions"}
+    train_only = {"caption", "image_lookups", "image_sizes", "spoken_lookups", "text_lm", "video_directions"}
     assert train_only <= {p.stem for p in (world / "train").glob("*.jsonl")}
     for file in (world / "test").glob("*.jsonl"):
         for line in file.read_text().splitlines():
@@ -151,6 +151,32 @@ def test_size_records_ask_the_size_of_every_shape_of_a_scene_with_big_and_small_
         assert all(q.startswith("Is the ") and q.endswith(" big or small?") for q in questions)
         assert len(set(questions)) == len(questions) and 2 <= len(questions) <= 3
         assert set(answers) == {"big", "small"}
+
+
+def test_spoken_lookup_records_ask_every_question_of_a_scene_aloud(world):
+    for line in (world / "train" / "spoken_lookups.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        questions = [q["content"] for q in record["messages"][::2]]
+        answers = [a["content"] for a in record["messages"][1::2]]
+        assert questions == ["<image><audio>"] + ["<audio>"] * (len(questions) - 1)
+        assert len(record["audios"]) == len(questions) and len(record["images"]) == 1
+        assert all((world / "train" / path).is_file() for path in record["audios"])
+        shapes = [a for a in answers if a in scenes.SHAPES]
+        count = [a for a in answers if a in scenes.NUMBERS]
+        assert 2 <= len(shapes) <= 3 and count == [scenes.NUMBERS[len(shapes)]]
+        assert len(questions) == 3 * len(shapes) + 2  # colour, shape and size of each; the count; on the left
+        assert {a for a in answers if a in ("big", "small")} == {"big", "small"}
+        assert sum(" " in a for a in answers) == 1  # "<colour> <shape>" is on the left
+
+
+def test_spoken_drill_reuses_the_splits_utterances_of_a_question(tmp_path):
+    builder = world_module._Builder(tmp_path, seed=0)
+    voice = speech.voices("train")[0]
+    said = builder.say("train", "what colour is the circle", voice, "asr_00000.flac")
+    rng = np.random.default_rng(0)
+    assert builder.utterance("train", "What colour is the circle?", rng, "new.flac") == said
+    assert builder.utterance("val", "What colour is the circle?", rng, "new.flac") != said  # splits never share
+    assert len(builder.pending) == 2
 
 
 def test_test_split_is_an_eval_task_set_with_spoken_text_pairs(world):
