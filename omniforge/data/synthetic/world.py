@@ -7,7 +7,7 @@
 
 Tasks: caption, image_qa, image_lookups (the colour and shape of every shape of a scene, training only),
 image_sizes (the size of every shape of a scene whose sizes differ, training only),
-spoken_lookups (the colour, shape and size of every shape of a scene, asked aloud, training only),
+spoken_lookups (every question a scene answers, asked aloud, training only),
 ocr, hires (small details that need tiling), video_qa,
 video_directions (short clips of one shape crossing the frame, "which way?", training only),
 asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud) and,
@@ -381,8 +381,9 @@ class _Builder:
         the count, what is on the left), asked aloud in random order (`<image><audio>`, then `<audio>` a
         turn). Stage 3's single spoken questions left the spoken lookups behind the written ones: on
         world seed 0, 7 of 16 spoken colour questions got another answer than their written twin though
-        the model transcribed 59 of 64 test questions word for word (session 22). The audio is the
-        split's own utterances of the same questions (asr, spoken_qa), so the drill costs no synthesis."""
+        the model transcribed 59 of 64 test questions word for word (session 22); with this drill in stage
+        3, agreement went 85 -> 90 % (seed 0) and 91 -> 97 % (seed 1). The audio is the split's own
+        utterances of the same questions (asr, spoken_qa), so the drill costs no synthesis."""
         return self.drill(split, n, "spoken_lookups", lambda shapes: [
             question for shape in shapes
             for question in (lookup_question(shape, False), lookup_question(shape, True), size_question(shape))
