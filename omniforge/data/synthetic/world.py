@@ -384,10 +384,7 @@ class _Builder:
         the model transcribed 59 of 64 test questions word for word (session 22); with this drill in stage
         3, agreement went 85 -> 90 % (seed 0) and 91 -> 97 % (seed 1). The audio is the split's own
         utterances of the same questions (asr, spoken_qa), so the drill costs no synthesis."""
-        return self.drill(split, n, "spoken_lookups", lambda shapes: [
-            question for shape in shapes
-            for question in (lookup_question(shape, False), lookup_question(shape, True), size_question(shape))
-        ] + [count_question(shapes), left_question(shapes)], mixed_sizes=True, aloud=True)
+        return self.drill(split, n, "spoken_lookups", scene_questions, mixed_sizes=True, aloud=True)
 
     def background(self, split: str, n: int) -> list[Record]:
         """Talk not meant for the assistant (answer: nothing), beside real spoken queries."""
@@ -468,6 +465,14 @@ def scene_question(shapes: list[scenes.Shape], rng: np.random.Generator) -> tupl
     if kind == 3:
         return size_question(target)
     return left_question(shapes)
+
+
+def scene_questions(shapes: list[scenes.Shape]) -> list[tuple[str, str]]:
+    """Every question `scene_question` can ask of a scene, with its answer: the colour, shape and size
+    of each shape, the count, and (with two shapes or more) what is on the left."""
+    per_shape = [question for shape in shapes
+                 for question in (lookup_question(shape, False), lookup_question(shape, True), size_question(shape))]
+    return per_shape + [count_question(shapes)] + ([left_question(shapes)] if len(shapes) > 1 else [])
 
 
 def lookup_question(shape: scenes.Shape, by_colour: bool) -> tuple[str, str]:
