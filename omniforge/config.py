@@ -96,9 +96,14 @@ class AdapterConfig:
     tile_positions: bool = False
     """Vision only: add a learned embedding per token position within a tile or frame, so the LLM
     knows where a token lies (the tower's own position signal fades with depth)."""
+    time_positions: int = 0
+    """Vision only: this many learned vectors along a clip's timeline; every token of a video frame
+    gets the one at the frame's relative time (timestamp / duration), so the LLM can tell early
+    frames from late ones by content, not only by how far back they lie. 0: none."""
 
     def validate(self, key: str) -> None:
         require(self.num_layers >= 1, f"{key}.num_layers", "must be >= 1")
+        require(self.time_positions >= 0, f"{key}.time_positions", "must be >= 0")
         require(self.hidden_size is None or self.hidden_size > 0, f"{key}.hidden_size", "must be > 0")
 
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile
+import torch
 from PIL import Image
 
 from omniforge.data.media_writers import write_audio, write_video
@@ -214,3 +215,6 @@ def test_audio_and_video_of_one_file(processor, tmp_path):
                                        "videos": [str(clip)], "audios": [str(clip)]})  # the track of the same file
     video, audio = encoded.media
     assert video.info["frames"] == 4 and abs(audio.info["seconds"] - 2.0) < 0.2
+    times = video.frame_times  # each frame's share of the clip: about 1/8, 3/8, 5/8, 7/8
+    assert times.shape == (4,) and bool((times.diff() > 0).all())
+    torch.testing.assert_close(times, torch.tensor([0.125, 0.375, 0.625, 0.875]), atol=0.1, rtol=0)

@@ -309,6 +309,41 @@ def test_tile_positions_tag_each_token_of_a_tile_and_survive_save_load(hf_parts,
         OmniModel.from_config(config)
 
 
+def test_time_positions_tag_each_video_frame_by_its_share_of_the_clip(hf_parts, tmp_path):
+    config = omni_config(hf_parts)
+    config.vision_adapter.time_positions = 4
+    torch.manual_seed(0)
+    model = OmniModel.from_config(config).eval()
+    with torch.no_grad():
+        model.vision_adapter.time_positions.normal_()
+    batch = make_batch(model, [MIXED[4]])  # a 3-frame video at 0, 1/3, 2/3 of the clip, then an image
+    torch.testing.assert_close(batch["video_frame_times"], torch.tensor([0, 1 / 3, 2 / 3]))
+    media = {k: v for k, v in batch.items() if k not in ("attention_mask", "labels")}
+    video = batch["input_ids"][0] == model.token_ids["video"]
+    image = batch["input_ids"][0] == model.token_ids["image"]
+    with torch.no_grad():
+        forward = model.embed(**media)[0]
+        backward = model.embed(**{**media, "video_frame_times": media["video_frame_times"].flip(0)})[0]
+        timeless = OmniModel.from_config(omni_config(hf_parts))
+        timeless.load_state_dict(model.state_dict(), strict=False)
+        untagged = timeless.eval().embed(**media)[0]
+    slots = torch.tensor([0, 1, 2]).repeat_interleave(model.vision.tokens_per_tile)  # each frame, every token
+    torch.testing.assert_close(forward[video] - untagged[video], model.vision_adapter.time_positions[slots])
+    assert not torch.allclose(forward[video], backward[video])
+    torch.testing.assert_close(forward[image], backward[image])  # images have no timeline
+    with pytest.raises(ValueError, match="video_frame_times"):
+        model.embed(**{k: v for k, v in media.items() if k != "video_frame_times"})
+    model.run_all_encoders = True  # as under DDP: a batch without video still reaches the timeline
+    model(**make_batch(model, [MIXED[0]])).loss.backward()
+    assert model.vision_adapter.time_positions.grad is not None
+    model.save_pretrained(tmp_path / "ckpt")
+    reloaded = OmniModel.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(reloaded.vision_adapter.time_positions, model.vision_adapter.time_positions)
+    config.audio_adapter.time_positions = 4
+    with pytest.raises(ConfigError, match="audio_adapter.time_positions"):
+        OmniModel.from_config(config)
+
+
 def test_ctc_posteriors_mix_llm_embeddings_and_survive_save_load(hf_parts, tmp_path):
     tower = shutil.copytree(hf_parts / "whisper", tmp_path / "whisper")
     config = omni_config(hf_parts)

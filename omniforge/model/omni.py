@@ -141,17 +141,19 @@ class OmniModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              pixel_values_videos: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
-              audio_valid_frames: torch.Tensor | None = None) -> torch.Tensor:
+              pixel_values_videos: torch.Tensor | None = None, video_frame_times: torch.Tensor | None = None,
+              audio_features: torch.Tensor | None = None, audio_valid_frames: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """Token embeddings with every placeholder replaced by its encoder feature.
 
         input_ids: (B, L) with placeholders already expanded to the feature counts.
         pixel_values: (image tiles, 3, T, T); pixel_values_videos: (frames, 3, T, T), each in
-        placeholder order over the flattened batch. audio_features: (windows, n_mels, frames)
-        with audio_valid_frames: (windows,). Returns (B, L, H).
+        placeholder order over the flattened batch, with video_frame_times: (frames,) each frame's
+        time as a share of its clip (read when the vision adapter has time positions).
+        audio_features: (windows, n_mels, frames) with audio_valid_frames: (windows,). Returns (B, L, H).
         """
         embeds = self.llm.get_input_embeddings()(input_ids)
-        image, video = self._vision_features(pixel_values, pixel_values_videos)
+        image, video = self._vision_features(pixel_values, pixel_values_videos, video_frame_times)
         audio = None
         if audio_features is not None:
             if self.audio is None:
@@ -162,18 +164,20 @@ class OmniModel(nn.Module):
         for modality, features in (("image", image), ("video", video), ("audio", audio)):
             embeds = self._scatter(embeds, input_ids, modality, features)
         if self.run_all_encoders:
-            embeds = embeds + self._unused_encoders_term(vision_used=image is not None or video is not None,
-                                                         audio_used=audio is not None)
+            embeds = embeds + self._unused_encoders_term(video_used=video is not None, audio_used=audio is not None)
         return embeds
 
-    def _unused_encoders_term(self, vision_used: bool, audio_used: bool) -> torch.Tensor:
-        """0 x (features of a dummy input) for each encoder the batch did not use: a zero that
-        puts their parameters in the graph, so every rank reduces the same gradients."""
+    def _unused_encoders_term(self, video_used: bool, audio_used: bool) -> torch.Tensor:
+        """0 x (features of a dummy input) for each encoder path the batch did not use: a zero that
+        puts their parameters in the graph, so every rank reduces the same gradients. The vision
+        path's dummy is a one-frame video, which reaches every vision parameter (images do not
+        reach the adapter's timeline)."""
         dtype = self.llm.get_input_embeddings().weight.dtype
         zero = torch.zeros((), dtype=dtype, device=self.device)
-        if self.vision is not None and not vision_used:
-            tile = torch.zeros(1, 3, self.vision.tile_size, self.vision.tile_size, dtype=dtype, device=self.device)
-            zero = zero + 0.0 * self.vision_adapter(self.vision(tile)).sum()
+        if self.vision is not None and not video_used:
+            frame = torch.zeros(1, 3, self.vision.tile_size, self.vision.tile_size, dtype=dtype, device=self.device)
+            _, video = self._vision_features(None, frame, torch.zeros(1, device=self.device))
+            zero = zero + 0.0 * video.sum()
         if self.audio is not None and not audio_used:
             window = torch.zeros(1, self.audio.num_mel_bins, self.audio.geometry.window_frames, dtype=dtype,
                                  device=self.device)
@@ -209,8 +213,9 @@ class OmniModel(nn.Module):
             return adapted
         return adapted + self.audio.ctc_embeddings(tokens, self.llm.get_input_embeddings().weight)
 
-    def _vision_features(self, pixel_values, pixel_values_videos):
-        """Images and video frames go through the tower in one call, then split again."""
+    def _vision_features(self, pixel_values, pixel_values_videos, video_frame_times):
+        """Images and video frames go through the tower in one call, then split again; each
+        frame's tokens get its time's vector where the adapter keeps a timeline."""
         batches = [p for p in (pixel_values, pixel_values_videos) if p is not None]
         if not batches:
             return None, None
@@ -220,7 +225,15 @@ class OmniModel(nn.Module):
         features = self.vision_adapter(self.vision(torch.cat(batches).to(dtype)))  # (tiles, tokens, H)
         n_images = 0 if pixel_values is None else len(pixel_values)
         image = features[:n_images].flatten(0, 1) if pixel_values is not None else None
-        video = features[n_images:].flatten(0, 1) if pixel_values_videos is not None else None
+        video = None
+        if pixel_values_videos is not None:
+            video = features[n_images:]  # (frames, tokens, H)
+            if getattr(self.vision_adapter, "time_positions", None) is not None:
+                if video_frame_times is None or len(video_frame_times) != len(video):
+                    raise ValueError(f"the vision adapter has time positions: video_frame_times must give each of the "
+                                     f"{len(video)} frames its time (processor output)")
+                video = video + self.vision_adapter.timeline(video_frame_times.to(video.device))[:, None]
+            video = video.flatten(0, 1)
         return image, video
 
     def _scatter(self, embeds, input_ids, modality: str, features: torch.Tensor | None):
@@ -241,12 +254,13 @@ class OmniModel(nn.Module):
 def _adapter(encoder, adapter, config, hidden, dtype):
     if encoder is None or adapter is not None:
         return adapter
-    positions = 0
-    if config.tile_positions:
-        if not isinstance(encoder, VisionEncoder):
-            raise ConfigError("audio_adapter.tile_positions: tiles are a vision notion; set it on vision_adapter")
-        positions = encoder.tokens_per_tile
-    return MLPAdapter(encoder.hidden_size, hidden, config.num_layers, config.hidden_size, positions).to(dtype)
+    is_vision = isinstance(encoder, VisionEncoder)
+    for key, value in (("tile_positions", config.tile_positions), ("time_positions", config.time_positions)):
+        if value and not is_vision:
+            raise ConfigError(f"audio_adapter.{key}: tiles and frames are vision notions; set it on vision_adapter")
+    positions = encoder.tokens_per_tile if config.tile_positions else 0
+    return MLPAdapter(encoder.hidden_size, hidden, config.num_layers, config.hidden_size, positions,
+                      config.time_positions).to(dtype)
 
 
 def _zero_output(adapter: nn.Module) -> None:

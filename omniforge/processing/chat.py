@@ -197,7 +197,8 @@ class OmniProcessor:
         """Pad to the longest sample; media concatenated in sample then placeholder order.
 
         Returns input_ids, attention_mask, labels (B, L) and, when present, pixel_values,
-        pixel_values_videos, audio_features, audio_valid_frames: the kwargs of `OmniModel`.
+        pixel_values_videos, video_frame_times, audio_features, audio_valid_frames: the kwargs of
+        `OmniModel`.
         """
         width = max(len(s) for s in samples)
         ids = torch.full((len(samples), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -218,6 +219,7 @@ def collate_media(items: list[MediaItem]) -> dict[str, torch.Tensor]:
     out = {}
     for key, modality, attr in (("pixel_values", "image", "pixel_values"),
                                 ("pixel_values_videos", "video", "pixel_values"),
+                                ("video_frame_times", "video", "frame_times"),
                                 ("audio_features", "audio", "audio_features"),
                                 ("audio_valid_frames", "audio", "audio_valid_frames")):
         parts = [getattr(item, attr) for item in items if item.modality == modality]

@@ -66,6 +66,8 @@ class MediaItem:
     """(windows, n_mels, window_frames) for audio."""
     audio_valid_frames: torch.Tensor | None = None
     """(windows,) for audio."""
+    frame_times: torch.Tensor | None = None
+    """(frames,) for videos: each frame's time as a share of the clip, in [0, 1]."""
     info: dict[str, Any] = field(default_factory=dict)
     """What the model sees: tile grid, frame times, audio windows."""
 
@@ -117,7 +119,9 @@ class MediaProcessor:
         frames = torch.cat([self.image(frame, max_tiles=1).pixel_values for frame in video.frames])
         info = {"duration": round(video.duration, 3), "frames": len(video.frames),
                 "timestamps": [round(t, 3) for t in video.timestamps]}
-        return MediaItem("video", len(video.frames) * self.tokens_per_tile, pixel_values=frames, info=info)
+        shares = torch.tensor(video.timestamps) / video.duration if video.duration > 0 else torch.zeros(len(video.frames))
+        return MediaItem("video", len(video.frames) * self.tokens_per_tile, pixel_values=frames,
+                         frame_times=shares.float().clamp(0, 1), info=info)
 
     def audio_item(self, source) -> MediaItem:
         """Audio (path, bytes or 16-kHz float waveform): log-mel over every window."""
