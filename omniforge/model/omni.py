@@ -164,17 +164,21 @@ class OmniModel(nn.Module):
         for modality, features in (("image", image), ("video", video), ("audio", audio)):
             embeds = self._scatter(embeds, input_ids, modality, features)
         if self.run_all_encoders:
-            embeds = embeds + self._unused_encoders_term(video_used=video is not None, audio_used=audio is not None)
+            vision_reached = video is not None or (image is not None and not self._has_timeline())
+            embeds = embeds + self._unused_encoders_term(vision_reached=vision_reached, audio_used=audio is not None)
         return embeds
 
-    def _unused_encoders_term(self, video_used: bool, audio_used: bool) -> torch.Tensor:
-        """0 x (features of a dummy input) for each encoder path the batch did not use: a zero that
-        puts their parameters in the graph, so every rank reduces the same gradients. The vision
-        path's dummy is a one-frame video, which reaches every vision parameter (images do not
-        reach the adapter's timeline)."""
+    def _has_timeline(self) -> bool:
+        return getattr(self.vision_adapter, "time_positions", None) is not None
+
+    def _unused_encoders_term(self, vision_reached: bool, audio_used: bool) -> torch.Tensor:
+        """0 x (features of a dummy input) for each encoder whose parameters the batch did not all
+        reach: a zero that puts them in the graph, so every rank reduces the same gradients. The
+        vision dummy is a one-frame video, which reaches every vision parameter (images alone miss
+        the adapter's timeline)."""
         dtype = self.llm.get_input_embeddings().weight.dtype
         zero = torch.zeros((), dtype=dtype, device=self.device)
-        if self.vision is not None and not video_used:
+        if self.vision is not None and not vision_reached:
             frame = torch.zeros(1, 3, self.vision.tile_size, self.vision.tile_size, dtype=dtype, device=self.device)
             _, video = self._vision_features(None, frame, torch.zeros(1, device=self.device))
             zero = zero + 0.0 * video.sum()
@@ -228,7 +232,7 @@ class OmniModel(nn.Module):
         video = None
         if pixel_values_videos is not None:
             video = features[n_images:]  # (frames, tokens, H)
-            if getattr(self.vision_adapter, "time_positions", None) is not None:
+            if self._has_timeline():
                 if video_frame_times is None or len(video_frame_times) != len(video):
                     raise ValueError(f"the vision adapter has time positions: video_frame_times must give each of the "
                                      f"{len(video)} frames its time (processor output)")
