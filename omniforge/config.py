@@ -145,6 +145,11 @@ class SpecialTokens:
     """Starts the assistant turn after a spoken query (VITA's <1>)."""
     state_background: str = "<|state_background|>"
     """Starts the assistant turn after audio not meant for the assistant (VITA's <2>): no answer."""
+    heard: str = "<|heard|>"
+    """Opens what the assistant heard of a spoken query, said before its answer (SpeechGPT's chain
+    of modality): the answer then reads the question as text."""
+    heard_end: str = "<|/heard|>"
+    """Closes what the assistant heard; the answer follows."""
 
     def all(self) -> list[str]:
         return [getattr(self, f.name) for f in dataclasses.fields(self)]

@@ -104,7 +104,9 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     for task, questions in breakdown.items():
         print(f"{task} by kind of question: " + ", ".join(f"{q} {pct(v['accuracy'])}" for q, v in questions.items()))
     for example in report["examples"]:
-        print(f"\n{example['what']}\n  Q: {example['question']}\n  A: {example['answer']}   (reference: {example['reference']})")
+        heard = f"  [heard: {example['heard']}]" if example.get("heard") is not None else ""
+        print(f"\n{example['what']}\n  Q: {example['question']}\n  A: {example['answer']}{heard}   "
+              f"(reference: {example['reference']})")
     print(f"\nreport: {out / 'report.md'}  figures: {out / 'report.json'}  checkpoint: {out / 'checkpoint'}  "
           f"({timings['total'] / 60:.1f} min)")
     return report
@@ -177,7 +179,7 @@ def pocketsphinx_wer(asr_file: Path, limit: int) -> dict:
 
 def examples(checkpoint: Path, test: Path) -> list[dict]:
     """Two answers of the final model: a question about an image, and one asked aloud."""
-    from omniforge.eval.runner import generate_texts
+    from omniforge.eval.runner import generate_completions
     from omniforge.model.generate import GenerationConfig
     from omniforge.model.omni import OmniModel
     from omniforge.processing.chat import OmniProcessor, record_media
@@ -191,11 +193,11 @@ def examples(checkpoint: Path, test: Path) -> list[dict]:
         record = json.loads((test / file).read_text().splitlines()[index])
         media = record_media(record, test)
         prompt = processor.encode(record["messages"][:-1], media, add_generation_prompt=True)
-        answer = generate_texts(model, processor, [prompt], GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))[0]
+        [answer] = generate_completions(model, processor, [prompt], GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
         question = record["messages"][0]["content"].replace("\n", " ")
         if media["audio"]:
             question += f"  [spoken: {Path(media['audio'][0]).name}]"
-        out.append({"what": what, "question": question, "answer": answer,
+        out.append({"what": what, "question": question, "answer": answer.text, "heard": answer.heard,
                     "reference": record["messages"][-1]["content"], "media": media})
     return out
 
@@ -228,7 +230,8 @@ def write_report(out: Path, report: dict) -> None:
         "## Example answers", "",
     ]
     for example in report["examples"]:
-        lines += [f"- {example['what']}: *{example['question']}* -> **{example['answer']}** "
+        heard = f" (heard: \"{example['heard']}\")" if example.get("heard") is not None else ""
+        lines += [f"- {example['what']}: *{example['question']}* -> **{example['answer']}**{heard} "
                   f"(reference: {example['reference']})"]
     lines += ["", "## Time", ""] + [f"- {k}: {v:.0f} s" for k, v in report["timings_seconds"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")

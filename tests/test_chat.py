@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,21 @@ def test_labels_cover_assistant_turns_only_each_starting_with_its_state(processo
     assert full.startswith("<|im_start|>system\n" + processor.config.chat.system_image)
     assert all(label == IGNORE for token, label in zip(encoded.input_ids, encoded.labels)
                if token in processor.placeholder_ids.values())
+
+
+def test_an_answer_to_a_spoken_query_may_say_first_what_it_heard(processor, files):
+    tokens = processor.config.tokens
+    messages = [{"role": "user", "content": "<image><audio>"},
+                {"role": "assistant", "content": "red", "heard": "what colour is the circle"}]
+    encoded = processor.encode_record({"messages": messages, "images": ["wide.png"], "audios": ["speech.wav"]},
+                                      base_dir=files)
+    assert labelled_text(processor, encoded) == (f"{tokens.state_speech}{tokens.heard}what colour is the circle"
+                                                 f"{tokens.heard_end}red<|im_end|>\n")
+    for state, heard, error in [("text", "what colour", "this turn's state is 'text'"),
+                                ("speech", 3, "expected a string (what was heard), got int")]:
+        wrong = [messages[0], {**messages[1], "state": state, "heard": heard}]
+        with pytest.raises(ConversationError, match=r"sample\.messages\[1\]\.heard: .*" + re.escape(error)):
+            processor.encode(wrong, {"image": [files / "wide.png"], "audio": [files / "speech.wav"]})
 
 
 def test_background_audio_gets_the_background_state_and_no_answer(processor, files):

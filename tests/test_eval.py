@@ -462,11 +462,11 @@ def test_cli_writes_scores_and_compares(omni_model, tmp_path, capsys):
 
 def reference_answer(model, content: str, media: dict, max_new_tokens: int) -> str:
     """The answer computed directly with the processor and generate, to check the adapters against."""
-    from omniforge.eval.runner import generate_texts
+    from omniforge.eval.runner import generate_completions
 
     processor = OmniProcessor.from_model(model)
     encoded = processor.encode([{"role": "user", "content": content}], media, add_generation_prompt=True)
-    return generate_texts(model, processor, [encoded], GenerationConfig(max_new_tokens=max_new_tokens))[0]
+    return generate_completions(model, processor, [encoded], GenerationConfig(max_new_tokens=max_new_tokens))[0].text
 
 
 def request(*args):

@@ -196,3 +196,39 @@ def test_contrastive_decoding_decodes_against_a_blank_picture(omni_model):
     assert cached[1:] == [run(omni_model, inputs(omni_model, [p]), max_new_tokens=10)[0] for p in PROMPTS[1:]]
     no_pictures = inputs(omni_model, PROMPTS[1:])  # nothing to contrast: plain decoding
     assert run(omni_model, no_pictures, max_new_tokens=10, **config) == run(omni_model, no_pictures, max_new_tokens=10)
+
+
+def scripted(monkeypatch, tokens: list[int]):
+    """Make decoding pick `tokens` in order (the same for every row), whatever the logits say."""
+    import omniforge.model.generate as generate_module
+
+    picked = iter(tokens)
+    monkeypatch.setattr(generate_module, "sample", lambda logits, *a: torch.full(logits.shape[:1], next(picked)))
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_what_the_model_heard_is_kept_apart_from_its_answer_and_never_streamed(omni_model, monkeypatch, closed):
+    tokenizer, tokens = omni_model.tokenizer, omni_model.config.tokens
+    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    special = lambda name: tokenizer.convert_tokens_to_ids(getattr(tokens, name))  # noqa: E731
+    heard, answer = ids("what colour is it"), ids("red")
+    script = [special("state_speech"), special("heard"), *heard]
+    script += [special("heard_end"), *answer, tokenizer.eos_token_id] if closed else []
+    scripted(monkeypatch, script)
+    completions, streamed = [], ""
+    for deltas in stream(omni_model, config=GenerationConfig(max_new_tokens=len(script)), completions=completions,
+                         **inputs(omni_model, PROMPTS[1:2])):
+        streamed += deltas[0]
+    [completion] = completions
+    assert completion.heard == "what colour is it"
+    assert completion.text == streamed == ("red" if closed else "")  # a transcript cut short is no answer
+    assert completion.token_ids == script[:-1] if closed else script  # every id, the stop token aside
+    assert completion.finish_reason == ("stop" if closed else "length")
+
+
+def test_an_answer_without_a_heard_span_has_none(omni_model, monkeypatch):
+    tokenizer = omni_model.tokenizer
+    scripted(monkeypatch, [tokenizer.convert_tokens_to_ids(omni_model.config.tokens.state_text),
+                           *tokenizer("red", add_special_tokens=False).input_ids, tokenizer.eos_token_id])
+    [completion] = run(omni_model, inputs(omni_model, PROMPTS[2:]), max_new_tokens=8)
+    assert (completion.text, completion.heard) == ("red", None)

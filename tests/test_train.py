@@ -23,6 +23,7 @@ from omniforge.data.packing import PackedBatches, PaddedBatches, Prefetch, Sampl
 from omniforge.data.synthetic.toy import write_toy_dataset
 from omniforge.errors import ConfigError, DataError
 from omniforge.files import atomic_folder
+from omniforge.model.generate import Completion
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
 from omniforge.train.components import component_of, configure_stage, merge_lora, param_groups
@@ -317,7 +318,7 @@ def test_training_evals_skip_and_report_bad_records(tiny, dataset):
     evals.write_text("\n".join([good[0], "{not json", missing, good[1]]) + "\n")
     said = []
     evaluator = Evaluator([EvalSpec("probe", str(evals), limit=8)], processor, warn=said.append)
-    spec, prompts, answers, _ = evaluator.sets[0]
+    spec, prompts, answers, _, _ = evaluator.sets[0]
     assert len(prompts) == 2 and answers == [json.loads(line)["messages"][-1]["content"] for line in good]
     assert said and said[0].startswith("eval probe: 2 record(s) of") and "evals.jsonl" in said[0]
     evals.write_text("{not json\n")
@@ -338,9 +339,9 @@ def test_training_evals_score_greedy_answers_by_their_metric(tiny, dataset, monk
 
     def greedy(model, processor, prompts, config):  # stands in for greedy decoding
         assert len(prompts) == len(answers)
-        return answered
+        return [Completion(text, [], "stop") for text in answered]
 
-    monkeypatch.setattr(evaluate, "generate_texts", greedy)
+    monkeypatch.setattr(evaluate, "generate_completions", greedy)
     scores = evaluator.run(model)
     words = [len(a.split()) for a in answers]
     assert scores["exact_match"] == pytest.approx(75.0)  # a percentage, as `omniforge eval` reports it

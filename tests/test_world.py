@@ -169,6 +169,34 @@ def test_spoken_lookup_records_ask_every_question_of_a_scene_aloud(world):
         assert sum(" " in a for a in answers) == 1  # "<colour> <shape>" is on the left
 
 
+def test_answers_to_spoken_queries_say_what_they_heard(world):
+    said = {}  # utterance -> its words, where the ASR task transcribes it
+    for split in ("train", "val", "test"):
+        for line in (world / split / "asr.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            said[(split, record["audios"][0])] = record["messages"][-1]["content"]
+    checked = 0
+    for file in world.glob("*/*.jsonl"):
+        for line in file.read_text().splitlines():
+            record = json.loads(line)
+            audios = iter(record.get("audios", []))
+            for question, answer in zip(record["messages"][::2], record["messages"][1::2]):
+                heard = [next(audios) for _ in range(question["content"].count("<audio>"))]
+                spoken = heard and not question["content"].replace("<image>", "").replace("<audio>", "").strip()
+                if not spoken or answer.get("state") == "background":
+                    assert "heard" not in answer, (file, record)
+                    continue
+                assert answer["heard"] == answer["heard"].lower() and not answer["heard"].endswith("?")
+                if (file.parent.name, heard[0]) in said:
+                    assert answer["heard"] == said[(file.parent.name, heard[0])]
+                    checked += 1
+    assert checked >= 4
+    twins = [json.loads(line) for line in (world / "test" / "spoken_qa_text.jsonl").read_text().splitlines()]
+    spoken = [json.loads(line) for line in (world / "test" / "spoken_qa.jsonl").read_text().splitlines()]
+    assert [s["messages"][1]["heard"] for s in spoken] == [
+        world_module.transcript(t["messages"][0]["content"].split("\n", 1)[1]) for t in twins]
+
+
 def test_spoken_drill_reuses_the_splits_utterances_of_a_question(tmp_path):
     builder = world_module._Builder(tmp_path, seed=0)
     voice = speech.voices("train")[0]

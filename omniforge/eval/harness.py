@@ -123,7 +123,7 @@ class OmniforgeChat:
         answers = answer_prompts(self.model, self.processor, questions, config)
         for failed in (a for a in answers if isinstance(a, OmniforgeError)):
             log.warning("answering '' to a request that cannot be encoded: %s", failed)
-        return ["" if isinstance(a, OmniforgeError) else a for a in answers]
+        return ["" if isinstance(a, OmniforgeError) else a.text for a in answers]
 
     @torch.no_grad()
     def loglikelihood(self, text: str, media: list[tuple[str, Any]], continuation: str) -> tuple[float, bool]:

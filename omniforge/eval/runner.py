@@ -23,7 +23,7 @@ from tqdm import tqdm
 from omniforge.errors import OmniforgeError
 from omniforge.eval import metrics
 from omniforge.eval.readers import Sample, Skipped, Task
-from omniforge.model.generate import GenerationConfig, generate
+from omniforge.model.generate import Completion, GenerationConfig, generate
 from omniforge.processing.chat import Encoded, OmniProcessor
 
 MAX_NEW_TOKENS = {"mme": 16, "yes_no": 16, "mcq": 16, "video_mcq": 16, "exact_match": 64, "background": 64,
@@ -41,6 +41,8 @@ class Prediction:
     text: str
     verdict: dict[str, Any]
     """`parsed` (choice letter or yes/no label) and `correct`, or `ignored` (background); empty for corpus metrics."""
+    heard: str | None = None
+    """What the model said it heard of a spoken question, before its answer (None: nothing)."""
 
 
 @dataclass
@@ -119,7 +121,7 @@ def _answer_batch(model, processor: OmniProcessor, chunk: list[Sample | Skipped]
                                  GenerationConfig(max_new_tokens=budget, contrast=contrast))
         for (i, sample), answer in zip(samples, answers):
             slots[i] = (Skipped(sample.id, str(answer)) if isinstance(answer, OmniforgeError)
-                        else Prediction(sample, answer, judge(sample, answer)))
+                        else Prediction(sample, answer.text, judge(sample, answer.text), answer.heard))
     return slots
 
 
@@ -135,7 +137,7 @@ class Prompt(NamedTuple):
 
 
 def answer_prompts(model, processor: OmniProcessor, prompts: list[Prompt],
-                   config: GenerationConfig) -> list[str | OmniforgeError]:
+                   config: GenerationConfig) -> list[Completion | OmniforgeError]:
     """Answers to one batch of prompts, in order; a prompt whose media or messages fail to encode
     gets its error instead, and the rest are answered."""
     encoded: list[Encoded | OmniforgeError] = []
@@ -146,16 +148,17 @@ def answer_prompts(model, processor: OmniProcessor, prompts: list[Prompt],
         except OmniforgeError as e:
             encoded.append(e)
     ready = [e for e in encoded if not isinstance(e, OmniforgeError)]
-    answers = iter(generate_texts(model, processor, ready, config) if ready else [])
+    answers = iter(generate_completions(model, processor, ready, config) if ready else [])
     return [e if isinstance(e, OmniforgeError) else next(answers) for e in encoded]
 
 
-def generate_texts(model, processor: OmniProcessor, encoded: list[Encoded], config: GenerationConfig) -> list[str]:
+def generate_completions(model, processor: OmniProcessor, encoded: list[Encoded],
+                         config: GenerationConfig) -> list[Completion]:
     """The answers to encoded prompts, batched with left padding."""
     inputs = processor.collate(encoded, padding_side="left")
     inputs.pop("labels")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    return [c.text for c in generate(model, config=config, **inputs)]
+    return generate(model, config=config, **inputs)
 
 
 def judge(sample: Sample, text: str) -> dict[str, Any]:
@@ -253,6 +256,8 @@ def write_predictions(path: Path, outcomes: list[Prediction | Skipped]) -> None:
             else:
                 record = {"id": o.sample.id, "prediction": o.text, "reference": o.sample.reference,
                           "metric": o.sample.metric, **o.verdict, **o.sample.extra}
+                if o.heard is not None:
+                    record["heard"] = o.heard
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 

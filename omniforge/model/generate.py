@@ -75,6 +75,9 @@ class Completion:
     the string and text before it, so the ids cannot end exactly where `text` does)."""
     finish_reason: str
     """"stop" (stop token or string) or "length" (max_new_tokens reached)."""
+    heard: str | None = None
+    """What the model said it heard of a spoken query (between the `heard` tokens, before its
+    answer); not part of `text`. None when it said nothing of it."""
 
 
 @torch.no_grad()
@@ -96,7 +99,9 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
     stop_ids = torch.tensor(stop_token_ids(model, config), dtype=torch.long, device=device)
     rng = None if config.seed is None else torch.Generator(device=device).manual_seed(config.seed)
-    texts = [_TextState(config.stop) for _ in range(batch)]
+    vocab = tokenizer.get_vocab()
+    heard_ids = (vocab.get(model.config.tokens.heard), vocab.get(model.config.tokens.heard_end))
+    texts = [_TextState(config.stop, heard_ids) for _ in range(batch)]
     generated = torch.empty(batch, 0, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     reasons = ["length"] * batch
@@ -160,7 +165,7 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
         for i in range(batch):
             ids = generated[i].tolist()
             keep = texts[i].token_count if reasons[i] == "stop" else len(ids)
-            completions.append(Completion(texts[i].emitted, ids[:keep], reasons[i]))
+            completions.append(Completion(texts[i].emitted, ids[:keep], reasons[i], texts[i].heard))
 
 
 def stop_token_ids(model: OmniModel, config: GenerationConfig) -> list[int]:
@@ -214,11 +219,14 @@ def sample(logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig,
 
 
 class _TextState:
-    """Incremental detokenisation of one sequence, holding back what may start a stop string."""
+    """Incremental detokenisation of one sequence, holding back what may start a stop string and
+    keeping what the model says it heard (between the `heard` tokens) apart from its answer."""
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], heard_ids: tuple[int | None, int | None] = (None, None)):
         self.stops = [s for s in stops if s]
+        self.heard_ids = heard_ids
         self.emitted = ""
+        self.heard: str | None = None
         self.token_count = 0
 
     def update(self, tokenizer, ids: list[int], final: bool) -> tuple[str, bool]:
@@ -226,8 +234,14 @@ class _TextState:
 
         final: the sequence ends here, so nothing is held back.
         """
-        text = tokenizer.decode(ids, skip_special_tokens=True)
         self.token_count = len(ids)
+        opening, closing = self.heard_ids
+        if opening is not None and opening in ids:  # the answer is what comes after the heard span
+            start = ids.index(opening)
+            end = ids.index(closing, start) if closing in ids[start:] else len(ids)
+            self.heard = tokenizer.decode(ids[start + 1:end], skip_special_tokens=True).strip()
+            ids = ids[:start] + ids[end + 1:]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
         if text.endswith("\ufffd") and not final:  # a multi-byte character is still incomplete
             return "", False
         for stop in self.stops:

@@ -12,8 +12,10 @@ Rendering uses the LLM's own chat template (ChatML when it has none), a system p
 data type (video > image > audio > text), and starts every assistant turn with a state token:
 `state_speech` when the user turn was only speech, `state_background` for audio not meant for
 the assistant (the answer is empty), `state_text` otherwise; an assistant message may name
-its `state` explicitly. Labels cover assistant turns only; each placeholder is expanded to
-exactly the number of features its media yields.
+its `state` explicitly, and an answer to a spoken query what it `heard` (a transcript, framed by
+the `heard` tokens before the answer, so that the answer reads the question as text). Labels
+cover assistant turns only; each placeholder is expanded to exactly the number of features its
+media yields.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ class OmniProcessor:
                 state = message.get("state") or _infer_state(messages[i - 1] if i else None, tokens)
                 if state not in STATES:
                     raise ConversationError(f"{where}.messages[{i}].state: expected one of {STATES}, got {state!r}")
-                content = getattr(tokens, f"state_{state}") + ("" if state == "background" else content)
+                content = getattr(tokens, f"state_{state}") + _heard(message, state, tokens, f"{where}.messages[{i}]") + (
+                    "" if state == "background" else content)
             rendered.append({"role": message["role"], "content": content})
         text, spans = self._render(rendered, add_generation_prompt, where)
         ids, labels = self._tokenize(text, spans)
@@ -238,6 +241,19 @@ def _check_messages(messages, where: str) -> None:
             raise ConversationError(f"{where}.messages[{i}]: put the system prompt in the record's 'system' field")
         if m.get("content") is not None and not isinstance(m["content"], str):
             raise ConversationError(f"{where}.messages[{i}].content: expected a string")
+
+
+def _heard(message: dict, state: str, tokens, where: str) -> str:
+    """The assistant's `heard` (what it heard of a spoken query), framed by its tokens; "" without one."""
+    heard = message.get("heard")
+    if heard is None:
+        return ""
+    if not isinstance(heard, str):
+        raise ConversationError(f"{where}.heard: expected a string (what was heard), got {type(heard).__name__}")
+    if state != "speech":
+        raise ConversationError(f"{where}.heard: only an answer to a spoken query says what it heard, "
+                                f"but this turn's state is {state!r}")
+    return tokens.heard + heard + tokens.heard_end
 
 
 def _infer_state(user_message: dict | None, tokens) -> str:

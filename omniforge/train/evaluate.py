@@ -7,7 +7,7 @@ import torch
 from omniforge.data.dataset import JsonlConversations
 from omniforge.errors import DataError, OmniforgeError
 from omniforge.eval.metrics import bleu_chrf, exact_match, wer
-from omniforge.eval.runner import generate_texts
+from omniforge.eval.runner import generate_completions
 from omniforge.model.generate import GenerationConfig
 from omniforge.processing.chat import ConversationError, OmniProcessor, record_media
 from omniforge.train.recipe import EvalSpec
@@ -24,6 +24,7 @@ class Evaluator:
         for spec in specs:
             data = JsonlConversations(spec.path)
             prompts, answers, full, skipped = [], [], [], []
+            said = []  # each reference turn's text as generated: what was heard (spoken queries) and the answer
             for index in range(len(data)):
                 if len(prompts) == spec.limit:
                     break
@@ -38,29 +39,30 @@ class Evaluator:
                     continue
                 prompts.append(prompt)
                 answers.append(messages[-1]["content"] or "")
+                said.append(f"{messages[-1].get('heard') or ''} {answers[-1]}")
             if skipped:
                 warn(f"eval {spec.name}: {len(skipped)} record(s) of {spec.path} skipped, e.g. {skipped[0]}")
             if not prompts:
                 raise DataError(f"eval {spec.name}: no usable record in {spec.path}")
-            self.sets.append((spec, prompts, answers, full))
+            budget = 4 + max(len(processor.tokenizer(s).input_ids) for s in said)  # + state and heard tokens
+            self.sets.append((spec, prompts, answers, full, budget))
 
     @torch.no_grad()
     def run(self, model) -> dict[str, float]:
         was_training = model.training
         model.eval()
         scores = {}
-        for spec, prompts, answers, full in self.sets:
+        for spec, prompts, answers, full, budget in self.sets:
             scores[spec.name] = (self._loss(model, full) if spec.metric == "loss"
-                                 else self._generated(model, prompts, answers, spec.metric))
+                                 else self._generated(model, prompts, answers, spec.metric, budget))
         model.train(was_training)
         return scores
 
-    def _generated(self, model, prompts, answers, metric: str) -> float:
-        longest = max(len(self.processor.tokenizer(a).input_ids) for a in answers)
-        config = GenerationConfig(max_new_tokens=longest + 4)
+    def _generated(self, model, prompts, answers, metric: str, budget: int) -> float:
+        config = GenerationConfig(max_new_tokens=budget)
         texts = []
         for start in range(0, len(prompts), BATCH):
-            texts += generate_texts(model, self.processor, prompts[start:start + BATCH], config)
+            texts += [c.text for c in generate_completions(model, self.processor, prompts[start:start + BATCH], config)]
         if metric == "wer":
             return wer(texts, answers)
         if metric == "bleu":

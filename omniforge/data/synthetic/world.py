@@ -10,10 +10,11 @@ image_sizes (the size of every shape of a scene whose sizes differ, training onl
 spoken_lookups (every question a scene answers, asked aloud, training only),
 ocr, hires (small details that need tiling), video_qa,
 video_directions (short clips of one shape crossing the frame, "which way?", training only),
-asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud) and,
-in test, spoken_qa_text (each one's written twin, for spoken/text agreement), background (talk not meant for the assistant:
-empty answer), text_qa, and text_lm (sentences to repeat: the text warm-up that stands in for
-a pretrained LLM). The test split uses held-out voices, speaking rates,
+asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud; an
+answer to a spoken question first says what it heard, as `heard`) and, in test, spoken_qa_text
+(each one's written twin, for spoken/text agreement), background (talk not meant for the
+assistant: empty answer), text_qa, and text_lm (sentences to repeat: the text warm-up that
+stands in for a pretrained LLM). The test split uses held-out voices, speaking rates,
 (colour, shape) combinations and background talk.
 """
 
@@ -149,7 +150,7 @@ class _Builder:
         self.out, self.seed = out, seed
         self.pending: list[tuple[str, speech.Voice, Path, bool, list[int]]] = []
         self.said: dict[tuple[str, str], list[str]] = {}
-        """(split, text as `_spoken_key` writes it) -> every utterance of it queued so far."""
+        """(split, `transcript(text)`) -> every utterance of it queued so far."""
 
     def rng(self, split: str, task: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLITS.index(split), sum(map(ord, task))])
@@ -234,12 +235,13 @@ class _Builder:
                                              mixed_sizes=mixed_sizes)
             questions = ask(shapes)
             ordered = [questions[j] for j in rng.permutation(len(questions))]
-            audios = []
+            audios, heard = [], None
             if aloud:
                 audios = [self.utterance(split, question, rng, f"{task}_{i:05d}_{j}.flac")
                           for j, (question, _) in enumerate(ordered)]
+                heard = [transcript(question) for question, _ in ordered]
                 ordered = [("<audio>", answer) for _, answer in ordered]
-            turns = _turns("<image>" if aloud else "<image>\n", ordered)
+            turns = _turns("<image>" if aloud else "<image>\n", ordered, heard)
             records.append(Record(task, "exact_match", turns, images=[image], audios=audios))
         return records
 
@@ -299,14 +301,14 @@ class _Builder:
         path = self.path(split, "speech", name)
         self.pending.append((text, voice, path, background, [self.seed, SPLITS.index(split), len(self.pending)]))
         if not background:
-            self.said.setdefault((split, _spoken_key(text)), []).append(self.rel(path))
+            self.said.setdefault((split, transcript(text)), []).append(self.rel(path))
         return self.rel(path)
 
     def utterance(self, split: str, text: str, rng: np.random.Generator, name: str) -> str:
         """A spoken `text` of `split`: one already queued by another task if there is one (the spoken
         drill asks the same few questions thousands of times, in the voices the split already has),
         else a new one in a voice of the split, saved as `name`."""
-        said = self.said.get((split, _spoken_key(text)))
+        said = self.said.get((split, transcript(text)))
         if said:
             return said[rng.integers(len(said))]
         english = speech.voices(split)
@@ -338,7 +340,7 @@ class _Builder:
             elif kind < 0.55:
                 text = describe(scenes.scene(rng, split, int(rng.integers(1, 3))))
             else:
-                text = scene_question(scenes.scene(rng, split, int(rng.integers(1, 3))), rng)[0].lower().rstrip("?")
+                text = transcript(scene_question(scenes.scene(rng, split, int(rng.integers(1, 3))), rng)[0])
             audio = self.say(split, text, english[rng.integers(len(english))], f"asr_{i:05d}.flac")
             records.append(_qa("asr", "wer", "<audio>\nTranscribe the speech.", text, audios=[audio]))
         return records
@@ -369,8 +371,8 @@ class _Builder:
             question, answer = scene_question(shapes, rng)
             audio = self.say(split, question, english[rng.integers(len(english))], f"spoken_{i:05d}.flac")
             pair = f"spoken_{i:05d}" if split == "test" else None
-            spoken.append(_qa("spoken_qa", "exact_match", "<image><audio>", answer, images=[image],
-                              audios=[audio], pair_id=pair))
+            spoken.append(_qa("spoken_qa", "exact_match", "<image><audio>", answer, heard=transcript(question),
+                              images=[image], audios=[audio], pair_id=pair))
             if pair:
                 written.append(_qa("spoken_qa_text", "exact_match", f"<image>\n{question}", answer,
                                    images=[image], pair_id=pair))
@@ -397,8 +399,8 @@ class _Builder:
                 shapes, image = self.scene_image(split, rng, f"query_{i:05d}.png")
                 question, answer = scene_question(shapes, rng)
                 audio = self.say(split, question, voice, f"query_{i:05d}.flac")
-                records.append(_qa("background", "background", "<image><audio>", answer, images=[image],
-                                   audios=[audio]))
+                records.append(_qa("background", "background", "<image><audio>", answer, heard=transcript(question),
+                                   images=[image], audios=[audio]))
                 continue
             talks = BACKGROUND_TALK_TEST if split == "test" else BACKGROUND_TALK
             talk = talks[rng.integers(len(talks))]
@@ -493,24 +495,30 @@ def size_question(shape: scenes.Shape) -> tuple[str, str]:
     return f"Is the {shape.kind} big or small?", "big" if shape.big else "small"
 
 
-def _turns(opening: str, questions) -> list[dict]:
+def _turns(opening: str, questions, heard: list[str] | None = None) -> list[dict]:
     """A conversation asking `questions` ((question, answer) pairs) in order about one image or
-    clip, whose placeholder(s) `opening` puts before the first question."""
+    clip, whose placeholder(s) `opening` puts before the first question; spoken questions come
+    with what each answer `heard`."""
     messages = []
-    for question, answer in questions:
+    for i, (question, answer) in enumerate(questions):
         messages += [{"role": "user", "content": (opening if not messages else "") + question},
-                     {"role": "assistant", "content": answer}]
+                     _answer(answer, heard[i] if heard else None)]
     return messages
 
 
-def _spoken_key(text: str) -> str:
-    """What a sentence sounds like: "What colour is the circle?" and ASR's "what colour is the circle"
-    are one utterance."""
+def _answer(content: str, heard: str | None = None) -> dict:
+    """An assistant message; one answering a spoken query says first what it `heard` (a transcript)."""
+    return {"role": "assistant", "content": content} | ({"heard": heard} if heard is not None else {})
+
+
+def transcript(text: str) -> str:
+    """A sentence as heard, the way ASR references write it: "What colour is the circle?" is heard
+    as "what colour is the circle" (one utterance of both)."""
     return text.lower().rstrip("?")
 
 
-def _qa(task: str, metric: str, question: str, answer: str, **kw) -> Record:
-    return Record(task, metric, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], **kw)
+def _qa(task: str, metric: str, question: str, answer: str, heard: str | None = None, **kw) -> Record:
+    return Record(task, metric, [{"role": "user", "content": question}, _answer(answer, heard)], **kw)
 
 
 def train_tokenizer(out: Path, vocab_size: int = 512) -> Path:
