@@ -167,6 +167,15 @@ def test_spoken_lookup_records_ask_every_question_of_a_scene_aloud(world):
         assert len(questions) == 3 * len(shapes) + 2  # colour, shape and size of each; the count; on the left
         assert {a for a in answers if a in ("big", "small")} == {"big", "small"}
         assert sum(" " in a for a in answers) == 1  # "<colour> <shape>" is on the left
+    written = [json.loads(line) for line in (world / "train" / "written_lookups.jsonl").read_text().splitlines()]
+    spoken = [json.loads(line) for line in (world / "train" / "spoken_lookups.jsonl").read_text().splitlines()]
+    assert len(written) == len(spoken) == SMALL.spoken_lookups
+    for twin, record in zip(written, spoken):  # each spoken record's written twin: the same scene and questions
+        assert twin["images"] == record["images"] and "audios" not in twin
+        assert twin["messages"][0]["content"].startswith("<image>\n")
+        assert [world_module.transcript(q["content"].removeprefix("<image>\n")) for q in twin["messages"][::2]] == [
+            a["heard"] for a in record["messages"][1::2]]
+        assert [a["content"] for a in twin["messages"][1::2]] == [a["content"] for a in record["messages"][1::2]]
 
 
 def test_answers_to_spoken_queries_say_what_they_heard(world):

@@ -7,7 +7,8 @@
 
 Tasks: caption, image_qa, image_lookups (the colour and shape of every shape of a scene, training only),
 image_sizes (the size of every shape of a scene whose sizes differ, training only),
-spoken_lookups (every question a scene answers, asked aloud, training only),
+spoken_lookups (every question a scene answers, asked aloud, training only) and written_lookups (the
+same scenes and questions, written),
 ocr, hires (small details that need tiling), video_qa,
 video_directions (short clips of one shape crossing the frame, "which way?", training only),
 asr, translation (Spanish speech -> English text), spoken_qa (image questions asked aloud; an
@@ -124,10 +125,12 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
             "spoken_qa": spoken,
             "spoken_qa_text": written,
             "background": builder.background(split, n("background")),
-            "spoken_lookups": builder.spoken_lookups(split, n("spoken_lookups")) if split == "train" else [],
             "text_qa": builder.text_qa(split, n("text_qa")),
             "text_lm": builder.text_lm(split, n("text_lm")) if split == "train" else [],
         }
+        # after every task that speaks: the drill asks its questions in their utterances
+        tasks["spoken_lookups"], tasks["written_lookups"] = (
+            builder.spoken_lookups(split, n("spoken_lookups")) if split == "train" else ([], []))
         builder.speak_all()
         (out / split).mkdir(parents=True, exist_ok=True)
         for task, records in tasks.items():
@@ -224,10 +227,9 @@ class _Builder:
         return self.drill(split, n, "image_sizes", lambda shapes: [size_question(shape) for shape in shapes],
                           mixed_sizes=True)
 
-    def drill(self, split: str, n: int, task: str, ask, mixed_sizes: bool = False, aloud: bool = False) -> list[Record]:
+    def drill(self, split: str, n: int, task: str, ask, mixed_sizes: bool = False) -> list[Record]:
         """`n` records of one scene of two or three shapes each, asked `ask(shapes)` ((question, answer)
-        pairs) in one random order, written or (`aloud`) spoken; images saved as
-        `<task without image_>_NNNNN.png`."""
+        pairs) in one random order; images saved as `<task without image_>_NNNNN.png`."""
         rng = self.rng(split, task)
         records = []
         for i in range(n):
@@ -235,14 +237,7 @@ class _Builder:
                                              mixed_sizes=mixed_sizes)
             questions = ask(shapes)
             ordered = [questions[j] for j in rng.permutation(len(questions))]
-            audios, heard = [], None
-            if aloud:
-                audios = [self.utterance(split, question, rng, f"{task}_{i:05d}_{j}.flac")
-                          for j, (question, _) in enumerate(ordered)]
-                heard = [transcript(question) for question, _ in ordered]
-                ordered = [("<audio>", answer) for _, answer in ordered]
-            turns = _turns("<image>" if aloud else "<image>\n", ordered, heard)
-            records.append(Record(task, "exact_match", turns, images=[image], audios=audios))
+            records.append(Record(task, "exact_match", _turns("<image>\n", ordered), images=[image]))
         return records
 
     def ocr(self, split: str, n: int) -> list[Record]:
@@ -378,15 +373,30 @@ class _Builder:
                                    images=[image], pair_id=pair))
         return spoken, written
 
-    def spoken_lookups(self, split: str, n: int) -> list[Record]:
+    def spoken_lookups(self, split: str, n: int) -> tuple[list[Record], list[Record]]:
         """Every question a scene whose sizes differ answers (the colour, shape and size of each shape,
         the count, what is on the left), asked aloud in random order (`<image><audio>`, then `<audio>` a
-        turn). Stage 3's single spoken questions left the spoken lookups behind the written ones: on
-        world seed 0, 7 of 16 spoken colour questions got another answer than their written twin though
-        the model transcribed 59 of 64 test questions word for word (session 22); with this drill in stage
-        3, agreement went 85 -> 90 % (seed 0) and 91 -> 97 % (seed 1). The audio is the split's own
-        utterances of the same questions (asr, spoken_qa), so the drill costs no synthesis."""
-        return self.drill(split, n, "spoken_lookups", scene_questions, mixed_sizes=True, aloud=True)
+        turn), and each record's written twin (`written_lookups`). Stage 3's single spoken questions left
+        the spoken lookups behind the written ones: on world seed 0, 7 of 16 spoken colour questions got
+        another answer than their written twin though the model transcribed 59 of 64 test questions word
+        for word (session 22); with the spoken drill in stage 3, agreement went 85 -> 90 % (seed 0) and
+        91 -> 97 % (seed 1); the written one then added 3-6 points to the written twins (session 24).
+        The audio is the split's own utterances of the same questions (asr, spoken_qa), so the drill
+        costs no synthesis."""
+        written = self.drill(split, n, "written_lookups", scene_questions, mixed_sizes=True)
+        rng = self.rng(split, "spoken_lookups")
+        return [self.spoken_twin(split, r, rng, f"spoken_lookups_{i:05d}") for i, r in enumerate(written)], written
+
+    def spoken_twin(self, split: str, record: Record, rng: np.random.Generator, name: str) -> Record:
+        """A written conversation about one image asked aloud: each question an utterance of the split
+        (`<image><audio>`, then `<audio>` a turn), each answer saying first what it heard."""
+        messages, audios = [], []
+        for j, (question, answer) in enumerate(zip(record.messages[::2], record.messages[1::2])):
+            words = question["content"].removeprefix("<image>\n")
+            audios.append(self.utterance(split, words, rng, f"{name}_{j}.flac"))
+            messages += [{"role": "user", "content": ("<image>" if not messages else "") + "<audio>"},
+                         _answer(answer["content"], transcript(words))]
+        return Record("spoken_lookups", record.metric, messages, images=record.images, audios=audios)
 
     def background(self, split: str, n: int) -> list[Record]:
         """Talk not meant for the assistant (answer: nothing), beside real spoken queries."""
@@ -495,14 +505,13 @@ def size_question(shape: scenes.Shape) -> tuple[str, str]:
     return f"Is the {shape.kind} big or small?", "big" if shape.big else "small"
 
 
-def _turns(opening: str, questions, heard: list[str] | None = None) -> list[dict]:
+def _turns(opening: str, questions) -> list[dict]:
     """A conversation asking `questions` ((question, answer) pairs) in order about one image or
-    clip, whose placeholder(s) `opening` puts before the first question; spoken questions come
-    with what each answer `heard`."""
+    clip, whose placeholder(s) `opening` puts before the first question."""
     messages = []
-    for i, (question, answer) in enumerate(questions):
+    for question, answer in questions:
         messages += [{"role": "user", "content": (opening if not messages else "") + question},
-                     _answer(answer, heard[i] if heard else None)]
+                     {"role": "assistant", "content": answer}]
     return messages
 
 
