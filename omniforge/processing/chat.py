@@ -129,8 +129,8 @@ class OmniProcessor:
                 state = message.get("state") or _infer_state(messages[i - 1] if i else None, tokens)
                 if state not in STATES:
                     raise ConversationError(f"{where}.messages[{i}].state: expected one of {STATES}, got {state!r}")
-                content = getattr(tokens, f"state_{state}") + _heard(message, state, tokens, f"{where}.messages[{i}]") + (
-                    "" if state == "background" else content)
+                heard = _heard(message, state, tokens, f"{where}.messages[{i}]")
+                content = getattr(tokens, f"state_{state}") + heard + ("" if state == "background" else content)
             rendered.append({"role": message["role"], "content": content})
         text, spans = self._render(rendered, add_generation_prompt, where)
         ids, labels = self._tokenize(text, spans)
