@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from omniforge.config import load_config
-from omniforge.data.dataset import JsonlConversations, Mixture, SampleStream, open_mixture
+from omniforge.data.dataset import JsonlConversations, Mixture, SampleCache, SampleStream, encoded_bytes, open_mixture
 from omniforge.data.packing import PackedBatches, PaddedBatches, Prefetch, SampleTooLongError
 from omniforge.data.synthetic.toy import write_toy_dataset
 from omniforge.errors import ConfigError, DataError
@@ -286,6 +286,46 @@ def test_corrupt_samples_are_skipped_and_counted(tiny, dataset, tmp_path):
     assert set(stream.skipped) == {"bad.jsonl: ConversationError", "bad.jsonl: UnreadableMediaError"}
     assert 6 <= stream.skipped["bad.jsonl: ConversationError"] <= 8
     assert 3 <= stream.skipped["bad.jsonl: UnreadableMediaError"] <= 4
+
+
+def same_sample(a, b) -> bool:
+    return (a.input_ids == b.input_ids and a.labels == b.labels and len(a.media) == len(b.media)
+            and all(torch.equal(x.pixel_values, y.pixel_values) if x.pixel_values is not None
+                    else torch.equal(x.audio_features, y.audio_features) for x, y in zip(a.media, b.media)))
+
+
+def test_the_sample_cache_serves_the_same_samples_within_its_budget(tiny, dataset):
+    _, processor = tiny
+    records = len(dataset.read_text().splitlines())
+    mixture = Mixture([JsonlConversations(dataset)], [1.0], seed=0)
+    plain = [p.sample for _, p in zip(range(3 * records), SampleStream(mixture, processor, warn=lambda _: None))]
+    cache = SampleCache(2**30)
+    cached = [p.sample for _, p in zip(range(3 * records), SampleStream(mixture, processor, cache=cache))]
+    assert all(same_sample(a, b) for a, b in zip(plain, cached))
+    assert (cache.misses, cache.hits, len(cache)) == (records, 2 * records, records)  # each record encoded once
+    assert any(s.media for s in plain) and cache.bytes == sum(encoded_bytes(s) for s in plain[:records])
+    assert "2" in cache.summary() and "67 %" in cache.summary()
+
+    small = SampleCache(max(encoded_bytes(s) for s in plain[:records]) * 2)  # holds two samples at most
+    stream = SampleStream(mixture, processor, cache=small)
+    again = [p.sample for _, p in zip(range(2 * records), stream)]
+    assert all(same_sample(a, b) for a, b in zip(plain, again))
+    assert 1 <= len(small) <= 2 and small.bytes <= small.max_bytes
+    last = [(str(dataset), i) for d, i in islice(mixture.order(0), 2 * records)][-len(small):]
+    assert all(small.get(key) is not None for key in last)  # the most recently read are the ones kept
+
+
+def test_a_run_reads_the_same_batches_with_the_sample_cache(tmp_path, dataset, capsys):
+    from omniforge.train.loop import train
+
+    losses = {}
+    for gigabytes in (0, 1):
+        path = write_recipe(tmp_path / str(gigabytes), dataset, STAGES, sample_cache_gb=gigabytes)
+        train(load_recipe(path))
+        losses[gigabytes] = [r["loss"] for r in metrics(tmp_path / str(gigabytes) / "run") if "loss" in r]
+    assert len(losses[0]) == 12 and losses[0] == losses[1]
+    served = re.search(r"stage all done .*sample cache: (\d+)/(\d+) reads served", capsys.readouterr().out)
+    assert int(served[1]) > 0  # the second stage reads the file the first one read
 
 
 def test_a_record_that_crashes_processing_is_skipped_naming_its_file(tiny, dataset, tmp_path, monkeypatch):

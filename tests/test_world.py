@@ -354,6 +354,34 @@ def test_ctc_best_path_merges_repeats_and_drops_blanks():
     assert _ctc_greedy(log_probs, blank=0) == [3, 3, 1]
 
 
+def test_stand_in_encoders_are_the_same_side_by_side_or_one_after_the_other(world, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from omniforge.train.encoders import load_encoder_recipe, pretrain_encoders
+
+    recipe = load_encoder_recipe()
+    recipe.vision.steps, recipe.audio.steps = 6, 2
+    runs, threads = {}, torch.get_num_threads()
+    for side_by_side in (True, False):
+        copy = tmp_path / str(side_by_side)  # the world's inputs, its own encoders/ folder
+        copy.mkdir()
+        for part in ("tokenizer", "train", "val"):
+            (copy / part).symlink_to(world / part)
+        torch.set_num_threads(max(1, threads // 2))  # as each of the two processes runs: the same sums
+        try:
+            scores = pretrain_encoders(copy, recipe, log=lambda _: None, side_by_side=side_by_side)
+        finally:
+            torch.set_num_threads(threads)
+        weights = {part: load_file(copy / "encoders" / part / "model.safetensors") for part in ("vision", "audio")}
+        runs[side_by_side] = scores, weights
+    (scores, weights), (alone_scores, alone_weights) = runs[True], runs[False]
+    assert scores == alone_scores
+    for part in ("vision", "audio"):
+        assert weights[part].keys() == alone_weights[part].keys()
+        assert all(torch.equal(weights[part][k], alone_weights[part][k]) for k in weights[part])
+
+
 def test_stand_in_encoders_learn_and_load_through_the_micro_recipe(world):
     import torch
     from safetensors.torch import load_file

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from omniforge.errors import ConfigError, DataError, OmniforgeError
 from omniforge.processing.chat import ConversationError, Encoded, OmniProcessor
@@ -120,6 +121,54 @@ RECORD_ERRORS = (OmniforgeError, TypeError, KeyError, AttributeError, ValueError
 of an unexpected type or shape raises in code that indexes, calls and converts it."""
 
 
+class SampleCache:
+    """Encoded samples (media decoded, text tokenized) kept in memory up to `max_bytes`, the least
+    recently read out first; keyed by file and record, for one processor (one model's tokenizer and
+    media settings), so it lives as long as one `train()` run and is shared by its stages.
+
+    Reading a sample is 15-20 % of a step of the demo, whose small world is read several times over
+    across stages (BENCHMARKS.md, session 25); a corpus read about once gains nothing from it.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = self.hits = self.misses = 0
+        self._samples: OrderedDict[tuple[str, int], tuple[Encoded, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def get(self, key: tuple[str, int]) -> Encoded | None:
+        held = self._samples.get(key)
+        if held is None:
+            self.misses += 1
+            return None
+        self._samples.move_to_end(key)
+        self.hits += 1
+        return held[0]
+
+    def put(self, key: tuple[str, int], sample: Encoded) -> None:
+        size = encoded_bytes(sample)
+        if key in self._samples or size > self.max_bytes:
+            return
+        self._samples[key] = sample, size
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, freed) = self._samples.popitem(last=False)
+            self.bytes -= freed
+
+    def summary(self) -> str:
+        reads = self.hits + self.misses
+        return (f"sample cache: {self.hits}/{reads} reads served ({100 * self.hits / max(reads, 1):.0f} %), "
+                f"{len(self)} samples, {self.bytes / 2**30:.2f} GiB")
+
+
+def encoded_bytes(sample: Encoded) -> int:
+    """About what `sample` holds in memory: its media tensors, and 8 bytes a token for each id list."""
+    tensors = [value for item in sample.media for value in vars(item).values() if torch.is_tensor(value)]
+    return sum(t.nbytes for t in tensors) + 16 * len(sample)
+
+
 class SampleStream:
     """Encoded samples of a mixture for one process: positions p with p % world == rank.
 
@@ -135,8 +184,8 @@ class SampleStream:
     WARNINGS_PER_FILE = 5
 
     def __init__(self, mixture: Mixture, processor: OmniProcessor, start: int = 0, rank: int = 0, world: int = 1,
-                 warn=print):
-        self.mixture, self.processor = mixture, processor
+                 warn=print, cache: SampleCache | None = None):
+        self.mixture, self.processor, self.cache = mixture, processor, cache
         self.rank, self.world, self.warn = rank, world, warn
         self.skipped: Counter[str] = Counter()
         self._iter = self._samples(start)
@@ -160,9 +209,14 @@ class SampleStream:
             if (position - self.rank) % self.world == 0:
                 dataset = self.mixture.datasets[d]
                 file, where = dataset.name, dataset.where(index)
+                key = (str(dataset.path), index)
                 try:
-                    record = dataset.record(index)
-                    sample = self.processor.encode_record(record, base_dir=dataset.path.parent, where=where)
+                    sample = self.cache.get(key) if self.cache is not None else None
+                    if sample is None:
+                        sample = self.processor.encode_record(dataset.record(index), base_dir=dataset.path.parent,
+                                                              where=where)
+                        if self.cache is not None:
+                            self.cache.put(key, sample)
                 except RECORD_ERRORS as e:
                     reason = str(e) if isinstance(e, OmniforgeError) else f"{type(e).__name__}: {e}"
                     reason = reason if where in reason else f"{where}: {reason}"

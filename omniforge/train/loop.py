@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from omniforge.data.dataset import SampleStream, mean_sample_tokens, open_mixture
+from omniforge.data.dataset import SampleCache, SampleStream, mean_sample_tokens, open_mixture
 from omniforge.data.packing import MicroBatch, PackedBatches, PaddedBatches, Prefetch
 from omniforge.errors import CheckpointError, ConfigError
 from omniforge.files import atomic_folder, write_text_atomic
@@ -73,10 +73,11 @@ def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False,
     model.to(dist.device)
     processor = OmniProcessor.from_model(model)
     evaluator = Evaluator(recipe.evals, processor, warn=log.print) if recipe.evals else None
+    cache = SampleCache(int(recipe.train.sample_cache_gb * 2**30)) if recipe.train.sample_cache_gb else None
     export = None
     for stage in stages:
         export = run_stage(recipe, stage, model, processor, evaluator, dist, log,
-                           state if state is not None and state["stage"] == stage.name else None)
+                           state if state is not None and state["stage"] == stage.name else None, cache)
         state = None
         if on_stage_end is not None and dist.is_main:
             on_stage_end(stage, model, export)
@@ -86,7 +87,8 @@ def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False,
 
 
 def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: OmniProcessor,
-              evaluator: Evaluator | None, dist: Distributed, log: "_Log", state: dict | None) -> Path:
+              evaluator: Evaluator | None, dist: Distributed, log: "_Log", state: dict | None,
+              cache: SampleCache | None = None) -> Path:
     settings = recipe.train
     out = Path(settings.out_dir)
     if state is None:  # from its own seed, as when the stages before it ran in an earlier process (--resume, --stage)
@@ -111,7 +113,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
         start_step, position = state["step"], state["ranks"][dist.rank]["position"]
         _set_rng(state["ranks"][dist.rank]["rng"])
         log.print(f"resumed stage {stage.name} at step {start_step} (stream position {position})")
-    stream = SampleStream(mixture, processor, start=position, rank=dist.rank, world=dist.world, warn=log.print)
+    stream = SampleStream(mixture, processor, start=position, rank=dist.rank, world=dist.world, warn=log.print,
+                          cache=cache)
     batches = (PackedBatches(stream, processor, stage.batch_tokens, skip_long=settings.skip_long_samples)
                if stage.batch_tokens else PaddedBatches(stream, processor, stage.batch_size))
     if _prefetch_pays(dist.device):
@@ -169,7 +172,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
         log.evals(stage.name, steps, evaluator.run(model))
     log.plot()
     dist.barrier()
-    log.print(f"stage {stage.name} done -> {export}")
+    log.print(f"stage {stage.name} done -> {export}" + (f" ({cache.summary()})" if cache is not None else ""))
     return export
 
 

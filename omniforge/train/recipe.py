@@ -168,6 +168,9 @@ class TrainConfig:
     """Resumable checkpoints kept (older ones deleted); stage-end exports are always kept."""
     skip_long_samples: bool = False
     """Skip (and count) samples longer than the packing budget instead of failing."""
+    sample_cache_gb: float = 0.0
+    """Keep encoded samples (media decoded, text tokenized) in memory across stages, up to this many
+    GiB a process (0: off); pays when the data is small enough to hold and read many times over."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """How `torchrun` runs train: DDP replicas, or FSDP2 `fully_shard` per LLM layer."""
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -175,7 +178,7 @@ class TrainConfig:
     def validate(self, key: str) -> None:
         require(self.checkpoint_every >= 0, f"{key}.checkpoint_every", "must be >= 0 (0: no checkpoints)")
         require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must be >= 1")
-        for name in ("weight_decay", "max_grad_norm"):
+        for name in ("weight_decay", "max_grad_norm", "sample_cache_gb"):
             require(getattr(self, name) >= 0, f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
 
 

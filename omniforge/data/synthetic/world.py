@@ -85,7 +85,7 @@ class WorldSize:
     def quick(cls) -> "WorldSize":
         return cls(caption=200, image_qa=400, image_lookups=300, image_sizes=200, ocr=120, hires=80, video_qa=150,
                    video_directions=150, asr=350, translation=120, spoken_qa=200, spoken_lookups=150, background=100, text_qa=150,
-                   text_lm=500, eval_size=40)
+                   text_lm=500, eval_size=24)
 
 
 @dataclass
