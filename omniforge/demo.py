@@ -41,6 +41,7 @@ COLUMNS = [  # (heading, task, metric, format)
     ("ASR WER", "asr", "wer", "pct"),
     ("translation BLEU", "translation", "bleu", "num"),
     ("spoken QA", "spoken_qa", "exact_match", "pct"),
+    ("heard word for word", "spoken_qa", "heard", "pct"),
     ("spoken/text agree", "consistency", "consistency", "pct"),
     ("background rejected", "background", "rejection", "pct"),
     ("queries ignored", "background", "false_rejection", "pct"),

@@ -349,10 +349,12 @@ def test_jsonl_references_are_read_as_scored_and_unscorable_records_skipped(tmp_
              record("twelve", "12", metric="mcq", options=["A. 2", "B. 12", "C. 3"]),
              record("seven", "seven", metric="mcq", options=["A. 2", "B. 12", "C. 3"]),
              record("nolang", "Hallo", metric="bleu", language=None)]
+    lines[0]["messages"][-1]["heard"] = "is it red"
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n[1, 2]\n")
     items = {item.id: item for item in readers.read_jsonl(path)}
     assert items["yes"].reference == "yes" and items["twelve"].reference == "B"
+    assert items["yes"].extra["heard"] == "is it red" and "heard" not in items["twelve"].extra
     assert "yes or no" in items["maybe"].reason and "names none of the options" in items["seven"].reason
     assert "language" in items["nolang"].reason and "expected a JSON object" in items["mixed.jsonl[5]"].reason
 
@@ -376,6 +378,16 @@ def test_scores_from_known_answers(tmp_path):
              answered(Sample("2", [], "the cat", "wer"), "the hat"),
              answered(Sample("3", [], "", "background", extra={"addressed": False}), "  ")]
     assert score(mixed) == {"exact_match/exact_match": 100.0, "wer/wer": 50.0, "background/rejection": 100.0}
+
+    def spoken(id, heard, answer, said):  # an answer to a spoken question says first what it heard
+        sample = Sample(id, [], "red", "exact_match", extra={"heard": heard})
+        return Prediction(sample, answer, judge(sample, answer), said)
+
+    heard = [spoken("1", "what colour is the circle", "red", "What colour is the circle?"),
+             spoken("2", "what colour is the circle", "red", "what colour is a circle"),  # articles count here
+             spoken("3", "what colour is the square", "blue", None),  # cut off before the transcript closed
+             answered(Sample("4", [], "red", "exact_match"), "red")]  # a written question: no transcript to score
+    assert score(heard) == {"exact_match": 75.0, "heard": pytest.approx(100 / 3)}
 
     mat = "the cat sat on the mat"
     translated = [answered(Sample("zh", [], "我喜欢猫", "bleu", extra={"language": "zh"}), "我喜欢狗"),

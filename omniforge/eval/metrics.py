@@ -109,6 +109,12 @@ def same_answer(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
 
 
+def same_words(prediction: str, reference: str) -> bool:
+    """Word for word, case and punctuation aside: a transcript's verdict (articles count, unlike
+    `same_answer`'s)."""
+    return _words(prediction) == _words(reference)
+
+
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """% of predictions equal to their reference after `normalize_answer`."""
     return accuracy([same_answer(p, r) for p, r in zip(predictions, references, strict=True)])

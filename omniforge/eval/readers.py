@@ -71,7 +71,8 @@ class Sample:
     system: str | None = None
     """System prompt; None: the model's default for the data type."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """What scoring groups by: category, image, options, question_id, rotation, duration, language, pair_id."""
+    """What scoring groups by: category, image, options, question_id, rotation, duration, language, pair_id;
+    `heard`: the transcript an answer to a spoken question should repeat first."""
 
 
 @dataclass
@@ -381,6 +382,8 @@ def _jsonl_sample(record: dict, folder: Path, where: str) -> Sample:
     if not isinstance(extra.get("language", ""), str):
         raise BenchmarkError(f"'language' must be a language code like \"de\", got {extra['language']!r}")
     reference = str(answer.get("content") or "")
+    if isinstance(answer.get("heard"), str):  # what a spoken question says, as the answer repeats it first
+        extra["heard"] = answer["heard"]
     if metric == "background":
         extra["addressed"] = bool(reference.strip()) and answer.get("state") != "background"
     if metric == "yes_no":

@@ -177,7 +177,9 @@ def judge(sample: Sample, text: str) -> dict[str, Any]:
 
 
 def score(predictions: list[Prediction]) -> dict[str, float]:
-    """The task's metrics; a task mixing metrics (a JSONL file may) gets `<metric>/<name>` keys."""
+    """The task's metrics; a task mixing metrics (a JSONL file may) gets `<metric>/<name>` keys. Where
+    references say what a spoken question says (`heard`), `heard` is the % of answers that repeated it
+    word for word before answering."""
     by_metric = defaultdict(list)
     for p in predictions:
         by_metric[p.sample.metric].append(p)
@@ -185,6 +187,9 @@ def score(predictions: list[Prediction]) -> dict[str, float]:
     for metric, group in by_metric.items():
         values = _aggregate(metric, group)
         scores.update({f"{metric}/{k}": v for k, v in values.items()} if len(by_metric) > 1 else values)
+    transcribed = [p for p in predictions if "heard" in p.sample.extra]
+    if transcribed:  # apart from the answers: how often the question itself was heard word for word
+        scores["heard"] = metrics.accuracy([metrics.same_words(p.heard or "", p.sample.extra["heard"]) for p in transcribed])
     return scores
 
 
