@@ -124,7 +124,7 @@ def pretrain_encoders(world: str | Path, recipe: EncoderPretraining | None = Non
 
     side_by_side: in two processes at once, each with half of torch's threads (default: when torch
     has two or more). Models this small use a second intra-op thread poorly (a step 1.3x faster on
-    2 cores), two processes fully: 397 -> ~290 s in the demo (BENCHMARKS.md, session 25). Each
+    2 cores), two processes fully: 397 -> 264 s in the demo (BENCHMARKS.md, session 25). Each
     encoder seeds its own initialisation, so the result does not depend on the order either way.
     """
     world = Path(world)
