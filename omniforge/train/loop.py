@@ -355,9 +355,9 @@ def _exported_at(recipe: Recipe, stage: StageConfig, export: Path, after: float,
 
 
 NOT_COMPARED = {"eval_every", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints",
-                "train.activation_checkpointing", "train.distributed"}
+                "train.activation_checkpointing", "train.distributed", "train.sample_cache_gb"}
 """Settings --resume lets change: where a run writes, how often it evaluates and saves, and how it
-spreads and recomputes its work do not change what its weights are trained on, or towards."""
+spreads, caches and recomputes its work do not change what its weights are trained on, or towards."""
 
 
 def _settings(recipe: Recipe, stage: StageConfig) -> dict:
