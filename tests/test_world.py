@@ -354,6 +354,33 @@ def test_ctc_best_path_merges_repeats_and_drops_blanks():
     assert _ctc_greedy(log_probs, blank=0) == [3, 3, 1]
 
 
+def test_speed_perturbed_utterances_play_faster_and_slower_with_the_same_transcript(world):
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from omniforge.config import from_dict
+    from omniforge.model.audio import AudioEncoder
+    from omniforge.model.loading import hf_config
+    from omniforge.train.encoders import load_encoder_recipe, transcribed_utterances
+
+    spec = load_encoder_recipe().audio
+    audio = AudioEncoder(WhisperEncoder(hf_config(None, spec.arch, "audio")), trim_seconds=spec.trim_seconds)
+    tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer")
+    file = world / "train" / "asr.jsonl"
+    as_recorded = transcribed_utterances(file, audio, tokenizer, log=lambda _: None)
+    played = transcribed_utterances(file, audio, tokenizer, log=lambda _: None, speeds=[0.8, 1.0, 1.25])
+    assert len(played) == 3 * len(as_recorded) > 0  # short utterances: none outgrows its window slowed down
+    for i, utterance in enumerate(as_recorded):
+        slow, same, fast = played[3 * i:3 * i + 3]
+        assert slow.ids == same.ids == fast.ids == utterance.ids
+        assert torch.equal(same.features, utterance.features)
+        frames = utterance.valid_frames
+        assert abs(slow.valid_frames - frames / 0.8) <= 2 and abs(fast.valid_frames - frames / 1.25) <= 2
+    with pytest.raises(ConfigError, match="audio.speeds"):
+        from_dict(type(spec), {"arch": spec.arch, "speeds": []}, "audio")
+
+
 def test_stand_in_encoders_are_the_same_side_by_side_or_one_after_the_other(world, tmp_path):
     import torch
     from safetensors.torch import load_file

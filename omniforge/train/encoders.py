@@ -29,7 +29,7 @@ training side only (training (colour, shape) pairs, training voices):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +92,14 @@ class AudioPretraining:
     trim_seconds: float | None = None
     """Encode each utterance's audio only, rounded up to this many seconds, not its whole window
     (recorded in the saved tower's config; the model's `audio.trim_seconds` must say the same)."""
+    speeds: list[float] = field(default_factory=lambda: [1.0])
+    """Speed perturbation (Ko et al., 2015): every training utterance is also heard played this
+    many times faster (resampled, so pitch moves with tempo), each copy drawn as often."""
 
     def validate(self, key: str) -> None:
         require(self.steps > 0 and self.batch_size > 0, f"{key}.steps", "steps and batch_size must be > 0")
+        require(bool(self.speeds) and all(0.5 <= s <= 2 for s in self.speeds), f"{key}.speeds",
+                f"need at least one speed factor, each in [0.5, 2], got {self.speeds}")
         require(self.trim_seconds is None or self.trim_seconds > 0, f"{key}.trim_seconds",
                 f"must be > 0 seconds or null, got {self.trim_seconds}")
 
@@ -298,8 +303,8 @@ def pretrain_audio(recipe: EncoderPretraining, world: Path, out: Path, scale: fl
     audio = AudioEncoder(WhisperEncoder(hf_config(None, spec.arch, "audio")), trim_seconds=spec.trim_seconds)
     encoder = audio.encoder
     tokenizer = AutoTokenizer.from_pretrained(world / "tokenizer", local_files_only=True)
-    train, val = transcribed_utterances(world / "train" / "asr.jsonl", audio, tokenizer, log), \
-        transcribed_utterances(world / "val" / "asr.jsonl", audio, tokenizer, log)
+    train = transcribed_utterances(world / "train" / "asr.jsonl", audio, tokenizer, log, speeds=spec.speeds)
+    val = transcribed_utterances(world / "val" / "asr.jsonl", audio, tokenizer, log)
     blank = len(tokenizer)
     head = nn.Linear(encoder.config.d_model, blank + 1)
     rng = np.random.default_rng(recipe.seed)
@@ -350,22 +355,26 @@ class Utterance:
     text: str
 
 
-def transcribed_utterances(file: Path, audio, tokenizer, log) -> list[Utterance]:
-    """Transcribed utterances of an ASR file; longer than one encoder window: skipped and counted."""
-    from omniforge.processing.audio import AudioProcessor, load_audio
+def transcribed_utterances(file: Path, audio, tokenizer, log, speeds: list[float] = (1.0,)) -> list[Utterance]:
+    """Transcribed utterances of an ASR file, each played at every one of `speeds` (1.0: as
+    recorded); longer than one encoder window: skipped and counted."""
+    from omniforge.processing.audio import SAMPLE_RATE, AudioProcessor, load_audio, resample
 
     window = audio.geometry.window_frames
     processor = AudioProcessor(audio.num_mel_bins, window_frames=window)
     found, skipped = [], 0
     for line in file.read_text().splitlines():
         record = json.loads(line)
-        features = processor(load_audio(file.parent / record["audios"][0]))
+        waveform = load_audio(file.parent / record["audios"][0])
         text = record["messages"][-1]["content"]
-        if len(features.valid_frames) > 1:
-            skipped += 1
-            continue
-        found.append(Utterance(features.features[0], int(features.valid_frames[0]),
-                                tokenizer(text)["input_ids"], text))
+        for speed in speeds:  # k times faster: the samples of k seconds played in one
+            played = waveform if speed == 1 else resample(waveform, round(SAMPLE_RATE * speed), SAMPLE_RATE)
+            features = processor(played)
+            if len(features.valid_frames) > 1:
+                skipped += 1
+                continue
+            found.append(Utterance(features.features[0], int(features.valid_frames[0]),
+                                    tokenizer(text)["input_ids"], text))
     if skipped:
         log(f"  {file}: {skipped} utterances longer than one {window // 100}-s window skipped")
     return found
