@@ -232,3 +232,117 @@ def test_an_answer_without_a_heard_span_has_none(omni_model, monkeypatch):
                            *tokenizer("red", add_special_tokens=False).input_ids, tokenizer.eos_token_id])
     [completion] = run(omni_model, inputs(omni_model, PROMPTS[2:]), max_new_tokens=8)
     assert (completion.text, completion.heard) == ("red", None)
+
+
+# --------------------------------------------------------------------------- joint CTC/attention decoding
+
+
+def brute_force_prefix(log_probs: torch.Tensor, prefix: list[int], whole: bool = False) -> float:
+    """log of the summed probability of every frame alignment whose collapsed labels start with
+    `prefix` (or, `whole`, are exactly it); the blank is the last class."""
+    import itertools
+
+    frames, classes = log_probs.shape
+    blank, total = classes - 1, []
+    for path in itertools.product(range(classes), repeat=frames):
+        labels = [c for i, c in enumerate(path) if c != blank and (i == 0 or c != path[i - 1])]
+        if labels == prefix if whole else labels[:len(prefix)] == prefix:
+            total.append(sum(log_probs[t, c] for t, c in enumerate(path)))
+    return torch.stack(total).logsumexp(0).item() if total else float("-inf")
+
+
+def test_ctc_prefix_scores_are_the_alignment_sums_they_stand_for():
+    from omniforge.model.ctc_fusion import CTCPrefixScorer
+
+    torch.manual_seed(0)
+    log_probs = torch.randn(2, 5, 4).log_softmax(-1)  # 3 tokens + blank, 5 frames; row 1 holds 4 of them
+    lengths = torch.tensor([5, 4])
+    scorer = CTCPrefixScorer(log_probs, lengths)
+    prefix: list[int] = []
+    for token in (1, 1, 2):  # a repeat must be told apart from a held token
+        steps, ending = scorer.scores()
+        for row in range(2):
+            frames = log_probs[row, :int(lengths[row])]
+            before = brute_force_prefix(frames, prefix)
+            for c in range(3):
+                assert steps[row, c].item() == pytest.approx(brute_force_prefix(frames, prefix + [c]) - before, abs=1e-4)
+            assert ending[row].item() == pytest.approx(brute_force_prefix(frames, prefix, whole=True) - before, abs=1e-4)
+        scorer.advance(torch.tensor([token, token]), torch.tensor([True, True]))
+        prefix.append(token)
+
+
+@pytest.fixture
+def hearing_model(hf_parts, tmp_path):
+    """The test model with a CTC head that hears token 7 in every frame, whatever the audio."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from conftest import omni_config
+
+    tower = shutil.copytree(hf_parts / "whisper", tmp_path / "whisper")
+    config = omni_config(hf_parts)
+    config.audio.path, config.audio.ctc_posteriors = str(tower), True
+    classes = 41  # 40 tokens + blank
+    bias = torch.zeros(classes)
+    bias[7] = 50.0
+    save_file({"weight": torch.zeros(classes, 32), "bias": bias}, tower / "ctc_head.safetensors")
+    torch.manual_seed(0)
+    return OmniModel.from_config(config).eval()
+
+
+def test_last_audio_ctc_reads_each_rows_last_clip(hearing_model):
+    batch = inputs(hearing_model)  # rows: an image; two clips (8 000 then 50 000 samples); text
+    log_probs, lengths = hearing_model.last_audio_ctc(batch["input_ids"], batch["audio_features"],
+                                                      batch["audio_valid_frames"])
+    audio = hearing_model.audio
+    assert lengths.tolist() == [0, audio.geometry.tokens(50_000) * audio.geometry.stack, 0]
+    assert log_probs.shape[:2] == (3, lengths.max())
+    assert (log_probs[1, :, 7] > -1e-3).all()  # every frame hears token 7
+
+
+def test_ctc_fusion_writes_what_the_audio_says_inside_the_heard_span_only(hearing_model, monkeypatch):
+    import omniforge.model.generate as generate_module
+
+    tokenizer, tokens = hearing_model.tokenizer, hearing_model.config.tokens
+    special = lambda name: tokenizer.convert_tokens_to_ids(getattr(tokens, name))  # noqa: E731
+    script = [special("state_speech"), special("heard"), 7, special("heard_end"), 5, tokenizer.eos_token_id]
+    batch = inputs(hearing_model, PROMPTS[1:2])
+    seen_logits = {}
+    for weight in (0.0, 0.9):
+        steps, picked = [], iter(script)
+
+        def record(logits, *args):
+            steps.append(logits[0].clone())
+            return torch.full(logits.shape[:1], next(picked))
+
+        monkeypatch.setattr(generate_module, "sample", record)
+        run(hearing_model, batch, max_new_tokens=len(script), ctc_weight=weight)
+        seen_logits[weight] = steps
+    plain, fused = seen_logits[0.0], seen_logits[0.9]
+    for step in (0, 1, 4, 5):  # before the heard span opens and after it closes: the LLM alone
+        assert torch.equal(plain[step], fused[step])
+    assert fused[2].argmax().item() == 7  # the CTC hears 7 in every frame: the transcript is "7" ...
+    assert fused[3].argmax().item() == special("heard_end")  # ... and nothing more (7 7 would need a blank)
+    assert not torch.equal(plain[2], fused[2])
+
+
+def test_ctc_fusion_leaves_the_llm_to_decide_once_the_transcript_outgrows_the_audio():
+    from omniforge.model.ctc_fusion import TranscriptFusion
+
+    torch.manual_seed(0)
+    log_probs = torch.randn(1, 2, 5).log_softmax(-1)  # 2 frames hold at most 2 tokens
+    heard, heard_end = 10, 11
+    fusion = TranscriptFusion(log_probs, torch.tensor([2]), weight=0.5, openings=[heard], endings=[heard_end])
+    logits = torch.randn(1, 12)
+    assert torch.equal(fusion.adjust(logits), logits)  # nothing being transcribed yet
+    fusion.update(torch.tensor([heard]), torch.tensor([False]))
+    for token in (1, 2):
+        fused = fusion.adjust(logits)
+        assert not torch.equal(fused, logits) and not fused.isnan().any()
+        fusion.update(torch.tensor([token]), torch.tensor([False]))
+    assert fusion.adjust(logits).argmax().item() == heard_end  # 2 tokens fill 2 frames: only the end fits
+    fusion.update(torch.tensor([3]), torch.tensor([False]))  # sampled past it all the same
+    assert torch.equal(fusion.adjust(logits), logits)
+    fusion.update(torch.tensor([heard_end]), torch.tensor([False]))
+    assert not fusion.active.any()

@@ -28,6 +28,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
                         help="answer budget for every task (default: by metric, 16 for a letter to 256 for a transcript)")
     parser.add_argument("--contrast", type=float, default=0.0,
                         help="visual contrastive decoding: weight of the blank-picture logits taken away (0: off)")
+    parser.add_argument("--ctc-weight", type=float, default=0.0,
+                        help="joint CTC/attention decoding of transcripts (ASR answers, what a spoken question was "
+                             "heard as): weight of the audio tower's CTC prefix score (0: off)")
     parser.add_argument("--compare", type=Path, default=None, metavar="SCORES_JSON",
                         help="another run's scores.json: print the difference per metric")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from omniforge.errors import ConfigError
     from omniforge.eval.readers import load_tasks, parse_task_spec
     from omniforge.eval.runner import compare_markdown, evaluate, load_scores, require_distinct_names, scores_markdown
+    from omniforge.model.generate import GenerationConfig
     from omniforge.model.omni import OmniModel
 
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
@@ -50,10 +54,11 @@ def run(args: argparse.Namespace) -> int:
     tasks = [task for text in args.task for task in load_tasks(parse_task_spec(text), args.limit)]
     require_distinct_names(tasks)
     other = load_scores(args.compare) if args.compare else None
+    decoding = GenerationConfig(contrast=args.contrast, ctc_weight=args.ctc_weight)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = OmniModel.from_pretrained(args.checkpoint, args.overrides).to(device)
     results = evaluate(model, tasks, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       contrast=args.contrast)
+                       decoding=decoding)
     print(scores_markdown(results))
     if other is not None:
         print(compare_markdown(results, other))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -57,9 +57,9 @@ class TaskScores:
 
 
 def evaluate(model, tasks: list[Task], out_dir: str | Path, batch_size: int = 8, max_new_tokens: int | None = None,
-             progress: bool = True, contrast: float = 0.0) -> list[TaskScores]:
+             progress: bool = True, decoding: GenerationConfig | None = None) -> list[TaskScores]:
     """Answer and score every task; write predictions, scores.json and scores.md under `out_dir`.
-    contrast: visual contrastive decoding's weight (`GenerationConfig.contrast`; 0: plain greedy)."""
+    decoding: how to pick tokens (visual contrast, CTC fusion; default plain greedy), see `predict`."""
     require_distinct_names(tasks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def evaluate(model, tasks: list[Task], out_dir: str | Path, batch_size: int = 8,
     try:
         for task in tasks:
             outcomes = predict(model, processor, task.items, batch_size, max_new_tokens, progress, desc=task.name,
-                               contrast=contrast)
+                               decoding=decoding)
             write_predictions(out_dir / "predictions" / f"{task.name}.jsonl", outcomes)
             answered = [o for o in outcomes if isinstance(o, Prediction)]
             results.append(TaskScores(task.name, score(answered) if answered else {}, len(answered),
@@ -94,13 +94,17 @@ def require_distinct_names(tasks: list[Task]) -> None:
 
 def predict(model, processor: OmniProcessor, items: list[Sample | Skipped], batch_size: int = 8,
             max_new_tokens: int | None = None, progress: bool = True, desc: str | None = None,
-            contrast: float = 0.0) -> list[Prediction | Skipped]:
-    """Greedy answers in batches, in item order; a sample whose media or messages fail to encode is skipped."""
+            decoding: GenerationConfig | None = None) -> list[Prediction | Skipped]:
+    """Answers in batches, in item order; a sample whose media or messages fail to encode is skipped.
+
+    decoding: a `GenerationConfig` whose `max_new_tokens` and `transcribe` each batch sets itself (the
+    metric's budget; a transcript where the metric is WER); None: greedy."""
     outcomes: list[Prediction | Skipped] = []
     shown = 0
     with tqdm(total=len(items), desc=desc, unit="sample", disable=not progress) as bar:
         for start in range(0, len(items), batch_size):
-            answered = _answer_batch(model, processor, items[start:start + batch_size], max_new_tokens, contrast)
+            answered = _answer_batch(model, processor, items[start:start + batch_size], max_new_tokens,
+                                     decoding or GenerationConfig())
             for skip in (o for o in answered if isinstance(o, Skipped)):
                 if shown < SHOWN_SKIPS:
                     shown += 1
@@ -111,14 +115,15 @@ def predict(model, processor: OmniProcessor, items: list[Sample | Skipped], batc
 
 
 def _answer_batch(model, processor: OmniProcessor, chunk: list[Sample | Skipped],
-                  max_new_tokens: int | None, contrast: float = 0.0) -> list[Prediction | Skipped]:
+                  max_new_tokens: int | None, decoding: GenerationConfig) -> list[Prediction | Skipped]:
     """One batch, in order: each sample encoded (or skipped), the encoded ones answered together and judged."""
     samples = [(i, item) for i, item in enumerate(chunk) if isinstance(item, Sample)]
     slots: list[Prediction | Skipped] = list(chunk)
     if samples:
         budget = max_new_tokens or max(MAX_NEW_TOKENS[sample.metric] for _, sample in samples)
+        config = replace(decoding, max_new_tokens=budget, transcribe=all(s.metric == "wer" for _, s in samples))
         answers = answer_prompts(model, processor, [Prompt(s.messages, s.media, s.system, s.id) for _, s in samples],
-                                 GenerationConfig(max_new_tokens=budget, contrast=contrast))
+                                 config)
         for (i, sample), answer in zip(samples, answers):
             slots[i] = (Skipped(sample.id, str(answer)) if isinstance(answer, OmniforgeError)
                         else Prediction(sample, answer.text, judge(sample, answer.text), answer.heard))

@@ -6,7 +6,9 @@
 `generate` runs the same loop to completion and returns one `Completion` per sequence.
 Batches are left-padded (attention_mask 0 on the left); positions count real tokens only.
 With `contrast` > 0 every sequence is also decoded against a blank picture (visual contrastive
-decoding), which takes away what the question alone makes likely.
+decoding), which takes away what the question alone makes likely. With `ctc_weight` > 0,
+transcripts (what a spoken query was heard as; with `transcribe`, the whole answer) are decoded
+jointly with the audio tower's CTC head (`omniforge.model.ctc_fusion`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Iterator
 import torch
 
 from omniforge.config import require
+from omniforge.model.ctc_fusion import TranscriptFusion
 from omniforge.model.omni import OmniModel
 from omniforge.model.tokenizer import CHATML_END
 
@@ -56,6 +59,14 @@ class GenerationConfig:
     plausibility: float = 0.1
     """With `contrast`: only tokens at least this fraction as likely as the most likely one (with
     the pictures) may be picked, so the contrast cannot promote a token the model rules out."""
+    ctc_weight: float = 0.0
+    """Joint CTC/attention decoding of transcripts (`omniforge.model.ctc_fusion`): while a sequence
+    says what it heard of a spoken query (or, with `transcribe`, throughout its answer), each token
+    is picked by (1 - w)·LLM + w·CTC prefix score of the prompt's last audio, read by the audio
+    tower's CTC head; 0 turns it off. Needs `audio.ctc_posteriors`."""
+    transcribe: bool = False
+    """The answers are transcripts of the prompt's last audio (ASR): `ctc_weight` applies from the
+    answer's state token to its end, not only inside `heard` spans."""
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 0, "max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
@@ -64,6 +75,7 @@ class GenerationConfig:
         require(self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         require(self.contrast >= 0 and 0 < self.plausibility <= 1, "contrast/plausibility",
                 f"need contrast >= 0 and 0 < plausibility <= 1, got {self.contrast} and {self.plausibility}")
+        require(0 <= self.ctc_weight < 1, "ctc_weight", f"must be in [0, 1), got {self.ctc_weight}")
 
 
 @dataclass
@@ -115,6 +127,7 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
         blank = {k: torch.zeros_like(v) if k in PICTURES and v is not None else v for k, v in media.items()}
         prompt_embeds = torch.cat([prompt_embeds, model.embed(input_ids, **blank)])
         mask = mask.repeat(copies, 1)
+    fusion = _transcript_fusion(model, input_ids, config, media, stop_ids.tolist())
     llm, embed_tokens = model.llm, model.llm.get_input_embeddings()
     parameters = inspect.signature(llm.forward).parameters
     cache = "cache" if "cache" in parameters else "past_key_values"  # 5.24 renamed it
@@ -138,8 +151,12 @@ def stream(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Tens
         logits = out.logits[:, -1].float()
         if contrast:
             logits = contrasted(logits[:batch], logits[batch:], config)
+        if fusion is not None:
+            logits = fusion.adjust(logits)
         token = sample(logits, seen, config, rng)
         token = torch.where(finished, torch.full_like(token, tokenizer.pad_token_id), token)
+        if fusion is not None:
+            fusion.update(token, finished)
         generated = torch.cat([generated, token[:, None]], dim=1)
         seen = torch.cat([seen, token[:, None]], dim=1)
         hit_stop_token = torch.isin(token, stop_ids) & ~finished
@@ -186,6 +203,24 @@ def generate(model: OmniModel, input_ids: torch.Tensor, attention_mask: torch.Te
     for _ in stream(model, input_ids, attention_mask, config, completions, **media):
         pass
     return completions
+
+
+def _transcript_fusion(model: OmniModel, input_ids: torch.Tensor, config: GenerationConfig, media: dict,
+                       stop_ids: list[int]) -> TranscriptFusion | None:
+    """The CTC fusion of `config.ctc_weight` for this batch; None when off or no prompt has audio."""
+    if config.ctc_weight == 0 or media.get("audio_features") is None:
+        return None
+    log_probs, lengths = model.last_audio_ctc(input_ids, media["audio_features"], media["audio_valid_frames"])
+    vocab, tokens = model.tokenizer.get_vocab(), model.config.tokens
+    if config.transcribe:  # the answer itself, from the state token that opens it
+        openings, endings = [vocab.get(tokens.state_text), vocab.get(tokens.state_speech)], stop_ids
+    else:
+        openings, endings = [vocab.get(tokens.heard)], [vocab.get(tokens.heard_end)]
+    if None in openings + endings:
+        raise ValueError(f"ctc_weight: the tokenizer lacks the tokens that open and close a transcript "
+                         f"({tokens.state_text}, {tokens.state_speech}, {tokens.heard}, {tokens.heard_end})")
+    return TranscriptFusion(log_probs.to(input_ids.device), lengths.to(input_ids.device), config.ctc_weight,
+                            openings, endings)
 
 
 def contrasted(logits: torch.Tensor, blank_logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:

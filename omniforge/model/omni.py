@@ -217,6 +217,33 @@ class OmniModel(nn.Module):
             return adapted
         return adapted + self.audio.ctc_embeddings(tokens, self.llm.get_input_embeddings().weight)
 
+    def last_audio_ctc(self, input_ids: torch.Tensor, audio_features: torch.Tensor,
+                       audio_valid_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The audio tower's CTC read-out of each row's last audio (its last run of placeholders).
+
+        input_ids: (B, L) with placeholders expanded; audio_features, audio_valid_frames: as for
+        `embed`. Returns (B, T, C + 1) per-frame log-probabilities over the tokenizer, the blank
+        last, zero-padded past each row's frames, and (B,) frame counts (0: a row without audio).
+        """
+        if self.audio is None or self.audio.ctc_weight is None:
+            raise ValueError("last_audio_ctc needs an audio tower with a CTC head (audio.ctc_posteriors)")
+        tokens = self.audio(audio_features.to(self.audio.ctc_weight.dtype), audio_valid_frames)
+        frames = tokens.view(len(tokens), self.audio.geometry.stack, -1)
+        log_probs = self.audio.ctc_logits(frames).float().log_softmax(-1)  # (audio tokens, stack, C + 1)
+        placeholders = input_ids == self.token_ids["audio"]
+        index = placeholders.flatten().cumsum(0).view_as(input_ids) - 1  # each placeholder's audio token
+        rows = []
+        for row, found in zip(index, placeholders):
+            positions = found.nonzero().flatten()
+            if not len(positions):
+                rows.append(log_probs[:0].flatten(0, 1))
+                continue
+            breaks = (positions.diff() > 1).nonzero().flatten()
+            start = int(breaks[-1]) + 1 if len(breaks) else 0  # where the last run begins
+            rows.append(log_probs[row[positions[start:]]].flatten(0, 1))
+        lengths = torch.tensor([len(r) for r in rows], device=log_probs.device)
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths
+
     def _vision_features(self, pixel_values, pixel_values_videos, video_frame_times):
         """Images and video frames go through the tower in one call, then split again; each
         frame's tokens get its time's vector where the adapter keeps a timeline."""
