@@ -5,7 +5,7 @@ train every stage of `recipes/tiny.yaml` -> after each stage, score
 every modality on the held-out test split -> a report folder (markdown, JSON, plots) with
 PocketSphinx's WER on the same ASR audio beside ours -> two example answers.
 
-    omniforge demo --out runs/demo            # 27-28 minutes on the 2-core CPU here (BENCHMARKS.md)
+    omniforge demo --out runs/demo            # 28-32 minutes on the 2-core CPU here (BENCHMARKS.md)
     omniforge demo --out runs/demo --quick    # the same path, small world and few steps (~2.5 minutes)
 """
 
