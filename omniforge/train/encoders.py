@@ -355,7 +355,8 @@ class Utterance:
     text: str
 
 
-def transcribed_utterances(file: Path, audio, tokenizer, log, speeds: list[float] = (1.0,)) -> list[Utterance]:
+def transcribed_utterances(file: Path, audio, tokenizer, log,
+                           speeds: tuple[float, ...] | list[float] = (1.0,)) -> list[Utterance]:
     """Transcribed utterances of an ASR file, each played at every one of `speeds` (1.0: as
     recorded); longer than one encoder window: skipped and counted."""
     from omniforge.processing.audio import SAMPLE_RATE, AudioProcessor, load_audio, resample
@@ -367,14 +368,14 @@ def transcribed_utterances(file: Path, audio, tokenizer, log, speeds: list[float
         record = json.loads(line)
         waveform = load_audio(file.parent / record["audios"][0])
         text = record["messages"][-1]["content"]
+        ids = tokenizer(text)["input_ids"]  # every speed says the same words
         for speed in speeds:  # k times faster: the samples of k seconds played in one
             played = waveform if speed == 1 else resample(waveform, round(SAMPLE_RATE * speed), SAMPLE_RATE)
             features = processor(played)
             if len(features.valid_frames) > 1:
                 skipped += 1
                 continue
-            found.append(Utterance(features.features[0], int(features.valid_frames[0]),
-                                    tokenizer(text)["input_ids"], text))
+            found.append(Utterance(features.features[0], int(features.valid_frames[0]), ids, text))
     if skipped:
         log(f"  {file}: {skipped} utterances longer than one {window // 100}-s window skipped")
     return found
