@@ -30,6 +30,7 @@ from omniforge.data.synthetic import scenes  # noqa: E402
 from omniforge.data.synthetic.world import TILE, lookup_question, size_question  # noqa: E402
 from omniforge.eval.readers import TaskSpec, load_tasks  # noqa: E402
 from omniforge.eval.runner import evaluate  # noqa: E402
+from omniforge.model.generate import GenerationConfig  # noqa: E402
 from omniforge.model.omni import OmniModel  # noqa: E402
 
 KINDS = {"colour": ("What colour is the <shape>?", (50, 33)), "shape": ("What shape is <colour>?", (50, 33)),
@@ -80,7 +81,7 @@ def main() -> None:
         (folder / "lookups.jsonl").write_text("\n".join(lines) + "\n")
         tasks = load_tasks(TaskSpec("lookups", "jsonl", folder / "lookups.jsonl"))
         evaluate(OmniModel.from_pretrained(args.checkpoint), tasks, folder / "eval", batch_size=32,
-                 max_new_tokens=8, progress=False, contrast=args.contrast)
+                 max_new_tokens=8, progress=False, decoding=GenerationConfig(contrast=args.contrast))
         predictions = (folder / "eval" / "predictions" / f"{tasks[0].name}.jsonl").read_text().splitlines()
         verdicts = {p["id"]: p["correct"] for p in map(json.loads, predictions) if "correct" in p}  # skipped: none
     right = defaultdict(list)

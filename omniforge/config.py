@@ -241,23 +241,42 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `data` with each `a.b.c=value` set; values are parsed as YAML."""
+    """Return a copy of `data` with each `a.b.c=value` set; values are parsed as YAML.
+
+    A list is addressed by index or, when its items are named, by name: `stages.0.steps=10`
+    and `stages.3_cross_modal.steps=10` set the same field of a recipe whose first stage is
+    `3_cross_modal`."""
     data = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        node = data
+        node: Any = data
         parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = parse_yaml(raw) if raw.strip() else None
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i + 1])
+            if isinstance(node, list):
+                part = _list_index(node, part, f"override {item!r}: {where}")
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is not a section")
+            if i == len(parts) - 1:
+                node[part] = parse_yaml(raw) if raw.strip() else None
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return data
+
+
+def _list_index(items: list, part: str, where: str) -> int:
+    """The position `part` names in `items`: an index in range, or the name of a named item."""
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    if part in names:
+        return names.index(part)
+    named = f" or one of {', '.join(map(str, names))}" if any(names) else ""
+    raise ConfigError(f"{where}: expected an index 0-{len(items) - 1}{named}")
 
 
 def from_dict(cls: type[T], data: Any, key: str = "") -> T:

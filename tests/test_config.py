@@ -67,6 +67,19 @@ def test_save_and_reload_round_trip(tmp_path):
     assert load_config(tmp_path / "config.yaml") == config
 
 
+def test_list_items_are_addressed_by_index_or_name():
+    data = {"stages": [{"name": "warmup", "steps": 5}, {"name": "sft", "steps": 9}], "evals": [{"limit": 3}]}
+    out = apply_overrides(data, ["stages.1.lr=1e-3", "stages.warmup.steps=7", "evals.0.limit=8"])
+    assert out["stages"] == [{"name": "warmup", "steps": 7}, {"name": "sft", "steps": 9, "lr": 0.001}]
+    assert out["evals"] == [{"limit": 8}]
+    with pytest.raises(ConfigError, match=r"stages.2: expected an index 0-1 or one of warmup, sft"):
+        apply_overrides(data, ["stages.2.steps=1"])
+    with pytest.raises(ConfigError, match=r"evals.first: expected an index 0-0$"):
+        apply_overrides(data, ["evals.first.limit=1"])
+    with pytest.raises(ConfigError, match=r"stages.0.steps is not a section"):
+        apply_overrides(data, ["stages.0.steps.x=1"])
+
+
 def test_overrides_do_not_mutate_input():
     data = {"vision": {"path": "a"}}
     out = apply_overrides(data, ["vision.pool=1"])

@@ -23,7 +23,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from omniforge.config import OmniConfig, apply_overrides, from_dict, read_yaml, require
 from omniforge.errors import ConfigError
@@ -225,8 +225,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     Relative dataset and eval paths resolve against `data_dir` (default: the recipe's folder), to
     absolute paths.
     Overrides are dotted keys into the merged document (`model.vision.max_tiles=4`,
-    `train.seed=1`, `stages.0.steps=10`); a relative `data_dir=` given as one is taken from the
-    working directory, as paths typed on a command line are.
+    `train.seed=1`, `stages.0.steps=10`, `stages.3_cross_modal.lr.default=1e-4`); a relative
+    `data_dir=` given as one is taken from the working directory, as paths typed on a command
+    line are.
     """
     path = Path(path)
     overrides = [_data_dir_from_working_dir(o) for o in overrides]
@@ -235,8 +236,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         if model_file is not None:
             data["model"] = read_yaml(model_file, "model config")
-        data = apply_overrides(_lists_as_dicts(data), overrides)
-        recipe = from_dict(Recipe, _dicts_as_lists(data))
+        recipe = from_dict(Recipe, apply_overrides(data, overrides))
     except ConfigError as e:
         in_model_file = model_file is not None and str(e).startswith("model.") and not any(
             o.startswith("model.") for o in overrides)
@@ -264,24 +264,3 @@ def _resolve(p: str | Path, base: Path) -> Path:
     """`p` against `base` (an absolute `p` as it is), as a normalised absolute path: a file reads the
     same however the recipe's path was spelled (--resume compares data paths with an export's)."""
     return Path(os.path.abspath(base / p))
-
-
-def _lists_as_dicts(data: Any) -> Any:
-    """Lists become {"0": ..., "1": ...} so that dotted overrides can address `stages.0.steps`."""
-    if isinstance(data, dict):
-        return {k: _lists_as_dicts(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return {"__list__": True, **{str(i): _lists_as_dicts(v) for i, v in enumerate(data)}}
-    return data
-
-
-def _dicts_as_lists(data: Any) -> Any:
-    if isinstance(data, dict):
-        if data.get("__list__"):
-            items = {k: v for k, v in data.items() if k != "__list__"}
-            if not all(k.isdigit() for k in items):
-                raise ConfigError(f"list override: expected numeric indices, got {sorted(items)}")
-            return [_dicts_as_lists(items[k]) for k in sorted(items, key=int)]
-        return {k: _dicts_as_lists(v) for k, v in data.items()}
-    return data
-
