@@ -17,7 +17,8 @@ from pathlib import Path
 def atomic_folder(target: str | Path) -> Iterator[Path]:
     """Yield an empty folder beside `target`; when the block ends without error it replaces
     `target` (an existing one is moved aside first, then deleted: it is absent only between two
-    renames). On error the partial folder is deleted and `target` is untouched."""
+    renames). On error the partial folder is deleted and `target` is untouched. A `target` that is
+    a symbolic link is replaced by the new folder; what it pointed to is left as it was."""
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -28,10 +29,13 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
+    if target.is_symlink() or target.exists():  # a dangling link `exists()` not, and would block the rename
         target.rename(old)
     tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

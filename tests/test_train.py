@@ -260,6 +260,21 @@ def test_atomic_folder_replaces_a_folder_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["export"] and [p.name for p in target.iterdir()] == ["new.txt"]
 
 
+@pytest.mark.parametrize("dangling", [False, True])
+def test_atomic_folder_replaces_a_link_and_leaves_what_it_pointed_to(tmp_path, dangling):
+    elsewhere = tmp_path / "elsewhere"
+    if not dangling:
+        elsewhere.mkdir()
+        (elsewhere / "kept.txt").write_text("kept")
+    (tmp_path / "export").symlink_to(elsewhere, target_is_directory=True)
+    with atomic_folder(tmp_path / "export") as tmp:
+        (tmp / "new.txt").write_text("new")
+    export = tmp_path / "export"
+    assert not export.is_symlink() and [p.name for p in export.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if dangling else ["elsewhere"]) + ["export"]
+    assert dangling or (elsewhere / "kept.txt").read_text() == "kept"
+
+
 def test_mixture_is_deterministic_weighted_and_resumable(dataset, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(i)}]}) + "\n" for i in range(5)))
