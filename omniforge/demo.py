@@ -15,8 +15,9 @@ import json
 import multiprocessing
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from omniforge.data.synthetic.world import WorldSize, synthesize_world
 from omniforge.train.encoders import pretrain_encoders
@@ -93,13 +94,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
 
     # PocketSphinx decodes the same test audio in a process of its own while the model trains: one
     # core for a minute costs training less than the minute would cost after it (BENCHMARKS.md)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as peer_process:
-        peer_future = peer_process.submit(pocketsphinx_wer, world / "test" / "asr.jsonl", limit)
+    with in_background(pocketsphinx_wer, world / "test" / "asr.jsonl", limit) as peer_result:
         tick = time.perf_counter()
         final = train(recipe, on_stage_end=after_stage)
         timings["training_and_evaluation"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        peer = peer_future.result()
+        peer = peer_result()
         timings["pocketsphinx_wait"] = time.perf_counter() - tick
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     shutil.copytree(final, out / "checkpoint")
@@ -171,6 +171,16 @@ def pct(value: float | None) -> str:
 
 def final_score(rows: list[dict], task: str, metric: str) -> float | None:
     return rows[-1]["scores"].get(task, {}).get(metric) if rows else None
+
+
+@contextmanager
+def in_background(fn: Callable, *args) -> Iterator[Callable[[], object]]:
+    """Run `fn(*args)` in a process of its own while the block runs; yields a function that waits
+    for its result. If the block raises (a failed stage, Ctrl-C), the process is killed, not
+    waited for."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving a Pool terminates its worker
+        pending = pool.apply_async(fn, args)
+        yield pending.get
 
 
 def pocketsphinx_wer(asr_file: Path, limit: int) -> dict:

@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,17 @@ def test_demo_breakdown_gives_held_out_pairs_a_kind_of_their_own(tmp_path):
         "What is on the left? (held-out pair)": {"accuracy": 0.0, "questions": 1},
         "What shape is <colour>?": {"accuracy": 0.0, "questions": 1},
         "What shape is <colour>? (held-out pair)": {"accuracy": 100.0, "questions": 1}}
+
+
+def test_background_work_is_killed_not_awaited_when_the_foreground_fails():
+    from omniforge.demo import in_background
+
+    with in_background(pow, 3, 4) as result:
+        assert result() == 81
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="stage failed"), in_background(time.sleep, 60):
+        raise RuntimeError("stage failed")
+    assert time.perf_counter() - started < 20
 
 
 def test_quick_demo_runs_every_stage_and_reports(tmp_path):
