@@ -27,8 +27,6 @@ TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 QUICK_STEPS = 1 / 16
 """--quick trains this fraction of each stage's steps."""
 EVAL_BATCH = 32
-EVAL_LIMIT = 64
-"""Test samples scored per task after each stage (the full run; --quick scores its whole test split)."""
 BY_QUESTION = ("image_qa", "video_qa")
 """Tasks whose final scores the report also breaks down by kind of question."""
 MAX_NEW_TOKENS = 32
@@ -78,13 +76,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
         for stage in recipe.stages:
             stage.steps = max(8, round(stage.steps * QUICK_STEPS))
             stage.warmup_steps = min(stage.warmup_steps, stage.steps // 4)
-    limit = WorldSize.quick().eval_size if quick else EVAL_LIMIT
     rows: list[dict] = []
     decoding = GenerationConfig(ctc_weight=CTC_WEIGHT)
 
     def after_stage(stage, model, export) -> None:
         tick = time.perf_counter()
-        tasks = load_tasks(TaskSpec("synth", "synth", world / "test"), limit=limit)
+        tasks = load_tasks(TaskSpec("synth", "synth", world / "test"))  # the whole split: 100 a task (±3 points)
         results = evaluate(model, tasks, out / "eval" / stage.name, batch_size=EVAL_BATCH,
                            max_new_tokens=MAX_NEW_TOKENS, progress=False, decoding=decoding)
         scores = {r.task.split("/", 1)[1]: r.metrics for r in results}
@@ -94,7 +91,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
 
     # PocketSphinx decodes the same test audio in a process of its own while the model trains: one
     # core for a minute costs training less than the minute would cost after it (BENCHMARKS.md)
-    with in_background(pocketsphinx_wer, world / "test" / "asr.jsonl", limit) as peer_result:
+    with in_background(pocketsphinx_wer, world / "test" / "asr.jsonl") as peer_result:
         tick = time.perf_counter()
         final = train(recipe, on_stage_end=after_stage)
         timings["training_and_evaluation"] = time.perf_counter() - tick
@@ -183,8 +180,8 @@ def in_background(fn: Callable, *args) -> Iterator[Callable[[], object]]:
         yield pending.get
 
 
-def pocketsphinx_wer(asr_file: Path, limit: int) -> dict:
-    """PocketSphinx's corpus WER on the first `limit` ASR test utterances (the ones we are scored on)."""
+def pocketsphinx_wer(asr_file: Path) -> dict:
+    """PocketSphinx's corpus WER on the ASR test utterances (the ones we are scored on)."""
     from omniforge.eval.metrics import wer
     from omniforge.eval.pocketsphinx_peer import available, transcribe
     from omniforge.eval.readers import Sample, TaskSpec, load_tasks
@@ -193,7 +190,7 @@ def pocketsphinx_wer(asr_file: Path, limit: int) -> dict:
     if not available():
         return {"wer": None, "utterances": 0, "note": "pocketsphinx is not installed"}
     started = time.perf_counter()
-    [task] = load_tasks(TaskSpec("asr", "jsonl", asr_file), limit)  # read as our model's evaluation reads it
+    [task] = load_tasks(TaskSpec("asr", "jsonl", asr_file))  # read as our model's evaluation reads it
     samples = [s for s in task.items if isinstance(s, Sample)]
     hypotheses = [transcribe(load_audio(s.media["audio"][0])) for s in samples]
     references = [s.reference for s in samples]
