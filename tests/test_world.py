@@ -329,6 +329,24 @@ def test_vision_pretraining_labels_match_the_rendered_pixels():
     assert checked > 20
 
 
+def test_video_frame_pretraining_images_put_one_shape_anywhere_on_a_crossing_path():
+    from dataclasses import replace
+
+    from omniforge.train.encoders import _SceneSampler, load_encoder_recipe
+
+    spec = replace(load_encoder_recipe().vision, word_fraction=0.0, frame_fraction=1.0)
+    rows_seen = set()
+    for seed in range(40):
+        image, labels = _SceneSampler(spec, grid=4, seed=seed).sample()
+        kinds = np.array(labels["cell_kind"]).reshape(4, 4)
+        assert labels["count"] == 1 and set(labels["cell_order"]) <= {0, 1} and set(labels["cell_size"]) <= {0, 2}
+        rows, columns = np.nonzero(kinds)
+        assert len(set(kinds[kinds > 0])) == 1
+        assert {1, 2} <= set(rows) or {1, 2} <= set(columns)  # a path runs through the middle
+        rows_seen |= set(rows)
+    assert rows_seen == {0, 1, 2, 3}  # shapes near the top and the bottom, as clips show them
+
+
 def test_recoloured_pretraining_scenes_label_shape_but_not_colour():
     from omniforge.train.encoders import _SceneSampler, load_encoder_recipe
 

@@ -71,10 +71,16 @@ class VisionPretraining:
     """Share of scenes drawn in random RGB colours instead of the world's, labelled for all but
     colour: shape is then read apart from colour, as an encoder pretrained on the world at large
     reads it, and the held-out (colour, shape) pairs' shapes are recognised."""
+    frame_fraction: float = 0.0
+    """Share of scenes that are a video frame instead: one big shape anywhere on a crossing clip's
+    path (`scenes.crossing_shape`), so that a shape near the top or bottom of a frame, where
+    still scenes never put one, reads as it does in the middle."""
 
     def validate(self, key: str) -> None:
         require(self.steps > 0 and self.batch_size > 0, f"{key}.steps", "steps and batch_size must be > 0")
-        require(0 <= self.recolour_fraction <= 1, f"{key}.recolour_fraction", f"must be in [0, 1], got {self.recolour_fraction}")
+        for name in ("recolour_fraction", "frame_fraction"):
+            value = getattr(self, name)
+            require(0 <= value <= 1, f"{key}.{name}", f"must be in [0, 1], got {value}")
 
 
 @dataclass
@@ -186,14 +192,20 @@ class _SceneSampler:
         return pixels, {key: torch.tensor([label[key] for label in labels]) for key in labels[0]}
 
     def sample(self):
-        """One image and its labels: a rendered word or a scene of 1-3 shapes."""
+        """One image and its labels: a rendered word, a video frame or a scene of 1-3 shapes."""
         t, rng, cells = self.spec.tile_size, self.rng, self.grid * self.grid
         labels = {name: [-100] * cells if _per_token(name) else -100 for name in _LABELS}
         if rng.random() < self.spec.word_fraction:
             word = int(rng.integers(len(WORDS)))
             image = scenes.word_image(WORDS[word], t, t, rng)  # as OCR and each tile of a hi-res image show it
             return image, {**labels, "word": word + 1}
-        shapes = scenes.scene(rng, self.split, int(rng.integers(1, 4)))
+        if self.spec.frame_fraction > 0 and rng.random() < self.spec.frame_fraction:  # at 0, the draws of before
+            allowed = scenes.pairs(self.split)
+            colour, kind = allowed[rng.integers(len(allowed))]
+            direction = scenes.DIRECTIONS[rng.integers(len(scenes.DIRECTIONS))]
+            shapes = [scenes.crossing_shape(colour, kind, direction, float(rng.random()))]
+        else:
+            shapes = scenes.scene(rng, self.split, int(rng.integers(1, 4)))
         recoloured = self.recolour_fraction > 0 and rng.random() < self.recolour_fraction
         image = scenes.render(shapes, t, t, rng, [scenes.random_fill(rng) for _ in shapes] if recoloured else None)
         labels.update(word=0, count=len(shapes), **{name: [0] * cells for name in _LABELS if _per_token(name)})

@@ -182,17 +182,26 @@ def crossing_clip(rng: np.random.Generator, split: str, seconds: float, size: in
     n = _frame_count(seconds, fps)
     allowed = pairs(split)
     colour, kind = allowed[rng.integers(len(allowed))]
-    direction = ("left", "right", "up", "down")[rng.integers(4)]
+    direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
     frames = []
     for i in range(n):
-        t = 0.15 + 0.7 * i / (n - 1)
-        x, y = {"right": (t, 0.5), "left": (1 - t, 0.5), "down": (0.5, t), "up": (0.5, 1 - t)}[direction]
         image = Image.new("RGB", (size, size), BACKGROUND)
-        # never asked about its size: big in a 0.42-wide slot is a radius of 0.19 of the frame
-        draw_shape(ImageDraw.Draw(image), Shape(colour, kind, True, x, y, slot=0.42), size, size)
+        draw_shape(ImageDraw.Draw(image), crossing_shape(colour, kind, direction, i / (n - 1)), size, size)
         frames.append(np.asarray(image))
     return Clip(frames, fps, [(f"Which way does the {colour} {kind} move?", direction),
                               (f"What colour is the moving {kind}?", colour)])
+
+
+DIRECTIONS = ("left", "right", "up", "down")
+
+
+def crossing_shape(colour: str, kind: str, direction: str, progress: float) -> Shape:
+    """The shape of a crossing clip `progress` (0-1) of the way along its path: from 0.15 to 0.85 of
+    the frame, through its middle. Never asked about its size: big in a 0.42-wide slot is a radius
+    of 0.19 of the frame."""
+    t = 0.15 + 0.7 * progress
+    x, y = {"right": (t, 0.5), "left": (1 - t, 0.5), "down": (0.5, t), "up": (0.5, 1 - t)}[direction]
+    return Shape(colour, kind, True, x, y, slot=0.42)
 
 
 def appearing_clip(rng: np.random.Generator, split: str, seconds: float, size: int, fps: float) -> Clip:
