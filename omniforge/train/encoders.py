@@ -200,10 +200,7 @@ class _SceneSampler:
             image = scenes.word_image(WORDS[word], t, t, rng)  # as OCR and each tile of a hi-res image show it
             return image, {**labels, "word": word + 1}
         if self.spec.frame_fraction > 0 and rng.random() < self.spec.frame_fraction:  # at 0, the draws of before
-            allowed = scenes.pairs(self.split)
-            colour, kind = allowed[rng.integers(len(allowed))]
-            direction = scenes.DIRECTIONS[rng.integers(len(scenes.DIRECTIONS))]
-            shapes = [scenes.crossing_shape(colour, kind, direction, float(rng.random()))]
+            shapes = [scenes.crossing_shape(*scenes.random_crossing(rng, self.split), float(rng.random()))]
         else:
             shapes = scenes.scene(rng, self.split, int(rng.integers(1, 4)))
         recoloured = self.recolour_fraction > 0 and rng.random() < self.recolour_fraction

@@ -180,9 +180,7 @@ def crossing_clip(rng: np.random.Generator, split: str, seconds: float, size: in
     from PIL import Image, ImageDraw
 
     n = _frame_count(seconds, fps)
-    allowed = pairs(split)
-    colour, kind = allowed[rng.integers(len(allowed))]
-    direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
+    colour, kind, direction = random_crossing(rng, split)
     frames = []
     for i in range(n):
         image = Image.new("RGB", (size, size), BACKGROUND)
@@ -193,6 +191,13 @@ def crossing_clip(rng: np.random.Generator, split: str, seconds: float, size: in
 
 
 DIRECTIONS = ("left", "right", "up", "down")
+
+
+def random_crossing(rng: np.random.Generator, split: str) -> tuple[str, str, str]:
+    """What a crossing clip shows: a (colour, shape) pair `split` may draw, and its direction."""
+    allowed = pairs(split)
+    colour, kind = allowed[rng.integers(len(allowed))]
+    return colour, kind, DIRECTIONS[rng.integers(len(DIRECTIONS))]
 
 
 def crossing_shape(colour: str, kind: str, direction: str, progress: float) -> Shape:
