@@ -706,8 +706,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
     assert len(single) == len(double) == 4
     assert single == pytest.approx(double, rel=1e-4, abs=1e-5)
     a, b = _weights(tmp_path / "one" / "run" / "stages" / "all"), _weights(tmp_path / "two" / "run" / "stages" / "all")
+    # AdamW divides each gradient by its own running scale, so where a gradient is near zero the
+    # all-reduce's other summation order shows up in the weight (1.5e-5 on one element of 49,152 on
+    # one CPU); a rank that did not sync would be off by about lr (1e-3) a step
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
 
 
 def test_packed_gradients_equal_the_sum_over_separate_samples(dataset):
