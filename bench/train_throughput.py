@@ -5,9 +5,10 @@
 Prints real (non-padding) tokens/s with packing and with padded batches that hold the same
 samples, the padding waste of each, and the achieved FLOP/s of a training step (counted by
 torch's FlopCounterMode) as a fraction of a plain fp32 matmul's FLOP/s measured in the same run,
-and the time of a whole step (batch building included) with batches built inline and by a
-prefetch thread; and the micro Whisper stand-in's forward + backward on whole zero-padded windows
-against windows trimmed to their audio (`audio.trim_seconds`).
+packed steps under bf16 autocast (`train.precision: bf16`) against fp32, and the time of a whole
+step (batch building included) with batches built inline and by a prefetch thread; and the micro
+Whisper stand-in's forward + backward on whole zero-padded windows against windows trimmed to
+their audio (`audio.trim_seconds`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ BUDGET = 2048
 STEPS = 12
 
 
-def train_steps(model, batches, steps, with_batching: bool = False) -> tuple[float, int, int]:
+def train_steps(model, batches, steps, with_batching: bool = False, bf16: bool = False) -> tuple[float, int, int]:
     """Seconds, real tokens and capacity over `steps` optimizer steps (first two not timed);
-    with_batching: the seconds include getting each batch (building it, or waiting for a prefetch)."""
+    with_batching: the seconds include getting each batch (building it, or waiting for a prefetch);
+    bf16: the forward under bf16 autocast, as the training loop runs `train.precision: bf16`."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     seconds = tokens = capacity = 0
     for step in range(steps + 2):
@@ -46,7 +48,8 @@ def train_steps(model, batches, steps, with_batching: bool = False) -> tuple[flo
         batch = next(batches)
         if not with_batching:
             start = time.perf_counter()
-        loss = model(**batch.inputs).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch.inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -110,6 +113,8 @@ def main() -> None:
         padded = PaddedBatches(SampleStream(mixture, processor), processor, per_pack)
         packed_s, packed_tokens, packed_capacity = train_steps(model, packed, STEPS)
         padded_s, padded_tokens, padded_capacity = train_steps(model, padded, STEPS)
+        bf16_s, bf16_tokens, _ = train_steps(model, PackedBatches(SampleStream(mixture, processor), processor, BUDGET),
+                                             STEPS, bf16=True)
         flops = step_flops(model, next(PackedBatches(SampleStream(mixture, processor), processor, BUDGET)))
         inline = PackedBatches(SampleStream(mixture, processor), processor, BUDGET)
         prefetch = Prefetch(PackedBatches(SampleStream(mixture, processor), processor, BUDGET))
@@ -127,6 +132,9 @@ def main() -> None:
     print(f"padded ({per_pack} samples a batch, the same samples a step): {padded_rate:,.0f} real tokens/s, "
           f"padding waste {1 - padded_tokens / padded_capacity:.1%}")
     print(f"packing speed-up: {packed_rate / padded_rate:.2f}x")
+    bf16_rate = bf16_tokens / bf16_s
+    print(f"packed under bf16 autocast (train.precision: bf16): {bf16_rate:,.0f} real tokens/s, "
+          f"{bf16_rate / packed_rate:.2f}x fp32's")
     print(f"training step: {flops / 1e9:.2f} GFLOP in {packed_s / STEPS * 1000:.0f} ms = {achieved / 1e9:.2f} GFLOP/s; "
           f"plain 1024x1024 fp32 matmul: {peak / 1e9:.1f} GFLOP/s -> {achieved / peak:.1%} of matmul")
     print(f"a step with its batch built inline: {steps_with['inline'] * 1000:.0f} ms; built by a prefetch thread: "
