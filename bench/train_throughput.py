@@ -106,18 +106,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_toy_dataset(Path(tmp), records=200)
         mixture = open_mixture([DatasetSpec(str(data))], seed=0)
-        packed = PackedBatches(SampleStream(mixture, processor), processor, BUDGET)
-        probe = [next(packed) for _ in range(8)]
-        per_pack = round(sum(b.samples for b in probe) / len(probe))
-        packed = PackedBatches(SampleStream(mixture, processor), processor, BUDGET)
+
+        def packed_rows() -> PackedBatches:  # the stream from its start, so every measurement sees the same batches
+            return PackedBatches(SampleStream(mixture, processor), processor, BUDGET)
+
+        probe = packed_rows()
+        per_pack = round(sum(next(probe).samples for _ in range(8)) / 8)
         padded = PaddedBatches(SampleStream(mixture, processor), processor, per_pack)
-        packed_s, packed_tokens, packed_capacity = train_steps(model, packed, STEPS)
+        packed_s, packed_tokens, packed_capacity = train_steps(model, packed_rows(), STEPS)
         padded_s, padded_tokens, padded_capacity = train_steps(model, padded, STEPS)
-        bf16_s, bf16_tokens, _ = train_steps(model, PackedBatches(SampleStream(mixture, processor), processor, BUDGET),
-                                             STEPS, bf16=True)
-        flops = step_flops(model, next(PackedBatches(SampleStream(mixture, processor), processor, BUDGET)))
-        inline = PackedBatches(SampleStream(mixture, processor), processor, BUDGET)
-        prefetch = Prefetch(PackedBatches(SampleStream(mixture, processor), processor, BUDGET))
+        bf16_s, bf16_tokens, _ = train_steps(model, packed_rows(), STEPS, bf16=True)
+        flops = step_flops(model, next(packed_rows()))
+        inline, prefetch = packed_rows(), Prefetch(packed_rows())
         steps_with = {name: train_steps(model, batches, STEPS, with_batching=True)[0] / STEPS
                       for name, batches in (("inline", inline), ("prefetch thread", prefetch))}
         prefetch.close()
