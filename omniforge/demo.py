@@ -5,19 +5,16 @@ train every stage of `recipes/tiny.yaml` -> after each stage, score
 every modality on the held-out test split -> a report folder (markdown, JSON, plots) with
 PocketSphinx's WER on the same ASR audio beside ours -> two example answers.
 
-    omniforge demo --out runs/demo            # 28-32 minutes on the 2-core CPU here (BENCHMARKS.md)
-    omniforge demo --out runs/demo --quick    # the same path, small world and few steps (~2.5 minutes)
+    omniforge demo --out runs/demo            # 15-32 minutes on a 2-core CPU, by its speed (BENCHMARKS.md)
+    omniforge demo --out runs/demo --quick    # the same path, small world and few steps (1.4-2.5 minutes)
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from omniforge.data.synthetic.world import WorldSize, synthesize_world
 from omniforge.train.encoders import pretrain_encoders
@@ -66,9 +63,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     synthesize_world(world, seed, WorldSize.quick() if quick else WorldSize())
     timings = {"synthesis": time.perf_counter() - started}
     tick = time.perf_counter()
-    print("== pretraining the stand-in encoders (SigLIP-style tower, Whisper-style encoder) on the world")
-    encoders = pretrain_encoders(world, quick=quick)
-    timings["encoder_pretraining"] = time.perf_counter() - tick
+    print("== pretraining the stand-in encoders (SigLIP-style tower, Whisper-style encoder) on the world; "
+          "PocketSphinx transcribes the test audio beside them")
+    encoders = pretrain_encoders(world, quick=quick,
+                                 side_jobs={"pocketsphinx": (pocketsphinx_wer, (world / "test" / "asr.jsonl",))})
+    peer = encoders.pop("pocketsphinx")
+    timings["encoder_pretraining_and_pocketsphinx"] = time.perf_counter() - tick
     recipe = load_recipe(TINY_RECIPE, [f"data_dir={world.resolve()}", f"train.out_dir={out / 'train'}",
                                        f"train.seed={seed}"])
     recipe.evals = []  # the per-stage test table below is this run's forgetting monitor
@@ -89,15 +89,9 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
         print(f"\n== scores on the test split after {stage.name} ({time.perf_counter() - tick:.0f} s)")
         print(format_table(rows))
 
-    # PocketSphinx decodes the same test audio in a process of its own while the model trains: one
-    # core for a minute costs training less than the minute would cost after it (BENCHMARKS.md)
-    with in_background(pocketsphinx_wer, world / "test" / "asr.jsonl") as peer_result:
-        tick = time.perf_counter()
-        final = train(recipe, on_stage_end=after_stage)
-        timings["training_and_evaluation"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        peer = peer_result()
-        timings["pocketsphinx_wait"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    final = train(recipe, on_stage_end=after_stage)
+    timings["training_and_evaluation"] = time.perf_counter() - tick
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     shutil.copytree(final, out / "checkpoint")
 
@@ -170,16 +164,6 @@ def final_score(rows: list[dict], task: str, metric: str) -> float | None:
     return rows[-1]["scores"].get(task, {}).get(metric) if rows else None
 
 
-@contextmanager
-def in_background(fn: Callable, *args) -> Iterator[Callable[[], object]]:
-    """Run `fn(*args)` in a process of its own while the block runs; yields a function that waits
-    for its result. If the block raises (a failed stage, Ctrl-C), the process is killed, not
-    waited for."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving a Pool terminates its worker
-        pending = pool.apply_async(fn, args)
-        yield pending.get
-
-
 def pocketsphinx_wer(asr_file: Path) -> dict:
     """PocketSphinx's corpus WER on the ASR test utterances (the ones we are scored on)."""
     from omniforge.eval.metrics import wer
@@ -249,7 +233,8 @@ def write_report(out: Path, report: dict) -> None:
         f"PocketSphinx (general-purpose English model shipped in its wheel) on the same "
         f"{peer['utterances']} test utterances: WER {pct(peer['wer'])}; ours after the last stage: "
         f"{pct(final_score(report['stages'], 'asr', 'wer'))}."
-        + (f" It decoded them in {peer['seconds']:.0f} s, in a process of its own beside training." if "seconds" in peer else ""),
+        + (f" It decoded them in {peer['seconds']:.0f} s, in a process of its own beside the encoders' pretraining."
+           if "seconds" in peer else ""),
         "", "## Example answers", "",
     ]
     for example in report["examples"]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -130,13 +130,18 @@ def load_encoder_recipe(path: str | Path = ENCODERS_RECIPE) -> EncoderPretrainin
 
 
 def pretrain_encoders(world: str | Path, recipe: EncoderPretraining | None = None, quick: bool = False,
-                      log=print, side_by_side: bool | None = None) -> dict[str, dict]:
+                      log=print, side_by_side: bool | None = None,
+                      side_jobs: dict[str, tuple[Callable, tuple]] | None = None) -> dict[str, Any]:
     """Pretrain both stand-ins; writes `world/encoders/{vision,audio}/`; returns their held-out metrics.
 
     side_by_side: in two processes at once, each with half of torch's threads (default: when torch
     has two or more). Models this small use a second intra-op thread poorly (a step 1.3x faster on
     2 cores), two processes fully: 397 -> 264 s in the demo (BENCHMARKS.md, session 25). Each
     encoder seeds its own initialisation, so the result does not depend on the order either way.
+    side_jobs: {name: (fn, args)} run after the encoders' jobs, side by side on the first process
+    that is free (the vision tower finishes well before the audio encoder), their results returned
+    under their names: the demo's PocketSphinx peer takes that idle core there, where beside the
+    training loop it took a core the loop's threads need.
     """
     world = Path(world)
     for needed in ("tokenizer", "train/asr.jsonl", "val/asr.jsonl"):
@@ -147,9 +152,11 @@ def pretrain_encoders(world: str | Path, recipe: EncoderPretraining | None = Non
     scale = QUICK_STEPS if quick else 1.0
     jobs = {"vision": (pretrain_vision, (recipe, world / "encoders" / "vision", scale)),
             "audio": (pretrain_audio, (recipe, world, world / "encoders" / "audio", scale))}
+    side_jobs = side_jobs or {}
     threads = torch.get_num_threads()
     if not (threads >= 2 if side_by_side is None else side_by_side):
-        return {name: job(*args, log=log) for name, (job, args) in jobs.items()}
+        return {**{name: job(*args, log=log) for name, (job, args) in jobs.items()},
+                **{name: job(*args) for name, (job, args) in side_jobs.items()}}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -157,12 +164,13 @@ def pretrain_encoders(world: str | Path, recipe: EncoderPretraining | None = Non
     with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(max(1, threads // len(jobs)),)) as pool:
         futures = {name: pool.submit(_with_log_lines, job, *args) for name, (job, args) in jobs.items()}
+        side_futures = {name: pool.submit(job, *args) for name, (job, args) in side_jobs.items()}
         results = {}
         for name, future in futures.items():
             results[name], lines = future.result()
             for line in lines:
                 log(line)
-        return results
+        return {**results, **{name: future.result() for name, future in side_futures.items()}}
 
 
 def _with_log_lines(job, *args) -> tuple[Any, list[str]]:

@@ -22,7 +22,7 @@ stands in for a pretrained LLM). The test split uses held-out voices, speaking r
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,36 +107,37 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
     """Write the whole world under `out`; the same seed gives the same files."""
     out = Path(out)
     size = size or WorldSize()
-    builder = _Builder(out, seed)
-    for split in SPLITS:
-        n = (lambda task: getattr(size, task)) if split == "train" else (lambda task: size.eval_size)
-        spoken, written = builder.spoken_qa(split, n("spoken_qa"))
-        tasks = {
-            "caption": builder.captions(split, n("caption")) if split == "train" else [],
-            "image_qa": builder.image_qa(split, n("image_qa")),
-            "image_lookups": builder.image_lookups(split, n("image_lookups")) if split == "train" else [],
-            "image_sizes": builder.image_sizes(split, n("image_sizes")) if split == "train" else [],
-            "ocr": builder.ocr(split, n("ocr")),
-            "hires": builder.hires(split, n("hires")),
-            "video_qa": builder.video_qa(split, n("video_qa")),
-            "video_directions": builder.video_directions(split, n("video_directions")) if split == "train" else [],
-            "asr": builder.asr(split, n("asr")),
-            "translation": builder.translation(split, n("translation")),
-            "spoken_qa": spoken,
-            "spoken_qa_text": written,
-            "background": builder.background(split, n("background")),
-            "text_qa": builder.text_qa(split, n("text_qa")),
-            "text_lm": builder.text_lm(split, n("text_lm")) if split == "train" else [],
-        }
-        # after every task that speaks: the drill asks its questions in their utterances
-        tasks["spoken_lookups"], tasks["written_lookups"] = (
-            builder.spoken_lookups(split, n("spoken_lookups")) if split == "train" else ([], []))
-        builder.speak_all()
-        (out / split).mkdir(parents=True, exist_ok=True)
-        for task, records in tasks.items():
-            if records:
-                (out / split / f"{task}.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
-        log(f"  {split}: " + ", ".join(f"{t} {len(r)}" for t, r in tasks.items() if r))
+    with ThreadPoolExecutor(2) as speaking:  # speech is synthesised while the split's images and clips render
+        builder = _Builder(out, seed, speaking)
+        for split in SPLITS:
+            n = (lambda task: getattr(size, task)) if split == "train" else (lambda task: size.eval_size)
+            spoken, written = builder.spoken_qa(split, n("spoken_qa"))
+            tasks = {
+                "caption": builder.captions(split, n("caption")) if split == "train" else [],
+                "image_qa": builder.image_qa(split, n("image_qa")),
+                "image_lookups": builder.image_lookups(split, n("image_lookups")) if split == "train" else [],
+                "image_sizes": builder.image_sizes(split, n("image_sizes")) if split == "train" else [],
+                "ocr": builder.ocr(split, n("ocr")),
+                "hires": builder.hires(split, n("hires")),
+                "video_qa": builder.video_qa(split, n("video_qa")),
+                "video_directions": builder.video_directions(split, n("video_directions")) if split == "train" else [],
+                "asr": builder.asr(split, n("asr")),
+                "translation": builder.translation(split, n("translation")),
+                "spoken_qa": spoken,
+                "spoken_qa_text": written,
+                "background": builder.background(split, n("background")),
+                "text_qa": builder.text_qa(split, n("text_qa")),
+                "text_lm": builder.text_lm(split, n("text_lm")) if split == "train" else [],
+            }
+            # after every task that speaks: the drill asks its questions in their utterances
+            tasks["spoken_lookups"], tasks["written_lookups"] = (
+                builder.spoken_lookups(split, n("spoken_lookups")) if split == "train" else ([], []))
+            builder.wait_for_speech()
+            (out / split).mkdir(parents=True, exist_ok=True)
+            for task, records in tasks.items():
+                if records:
+                    (out / split / f"{task}.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
+            log(f"  {split}: " + ", ".join(f"{t} {len(r)}" for t, r in tasks.items() if r))
     train_tokenizer(out)
     (out / "world.json").write_text(json.dumps({
         "seed": seed, "size": asdict(size), "held_out_pairs": sorted(map(list, scenes.HELD_OUT)),
@@ -146,12 +147,26 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
     return out
 
 
-class _Builder:
-    """Makes records and media files; speech is queued and synthesised in parallel per split."""
+def _save_png(image, path: Path) -> None:
+    image.save(path, compress_level=1)  # zlib's fastest: 2.4x faster than PIL's default (6) on these scenes, no larger
 
-    def __init__(self, out: Path, seed: int):
-        self.out, self.seed = out, seed
-        self.pending: list[tuple[str, speech.Voice, Path, bool, list[int]]] = []
+
+def _speak(text: str, voice: speech.Voice, path: Path, background: bool, noise_seed: list[int]) -> None:
+    import soundfile
+
+    audio = speech.synthesize(text, voice)
+    if background:  # the noise of each split's clips its own, not a copy of train's
+        audio = speech.mix_background(audio, np.random.default_rng(noise_seed), level=0.35)
+    soundfile.write(path, audio, 16_000, subtype="PCM_16")  # FLAC: half the size of WAV
+
+
+class _Builder:
+    """Makes records and media files; speech is synthesised by `speaking` as it is asked for."""
+
+    def __init__(self, out: Path, seed: int, speaking: Executor):
+        self.out, self.seed, self.speaking = out, seed, speaking
+        self.spoken: list[Future] = []
+        """The split's utterances asked for so far (`wait_for_speech` clears it)."""
         self.said: dict[tuple[str, str], list[str]] = {}
         """(split, `transcript(text)`) -> every utterance of it queued so far."""
 
@@ -172,7 +187,7 @@ class _Builder:
             if not mixed_sizes or len({shape.big for shape in shapes}) == 2:
                 break
         image = self.path(split, "scenes", name)
-        scenes.render(shapes, TILE, TILE, rng).save(image)
+        _save_png(scenes.render(shapes, TILE, TILE, rng), image)
         return shapes, self.rel(image)
 
     def clip_video(self, split: str, clip: scenes.Clip, name: str) -> str:
@@ -246,7 +261,7 @@ class _Builder:
         for i in range(n):
             word = WORDS[rng.integers(len(WORDS))]
             image = self.path(split, "words", f"ocr_{i:05d}.png")
-            scenes.word_image(word, TILE, TILE, rng).save(image)
+            _save_png(scenes.word_image(word, TILE, TILE, rng), image)
             records.append(_qa("ocr", "exact_match", "<image>\nWhat word is written?", word, images=[self.rel(image)]))
         return records
 
@@ -259,7 +274,7 @@ class _Builder:
             cell = rng.integers(6)
             at = ((cell % 3 + 0.5) / 3, (cell // 3 + 0.5) / 2)
             image = self.path(split, "hires", f"hires_{i:05d}.png")
-            scenes.word_image(word, 3 * TILE, 2 * TILE, rng, at=at).save(image)
+            _save_png(scenes.word_image(word, 3 * TILE, 2 * TILE, rng, at=at), image)
             records.append(_qa("hires", "exact_match", "<image>\nWhat word is written?", word,
                                images=[self.rel(image)]))
         return records
@@ -294,7 +309,8 @@ class _Builder:
 
     def say(self, split: str, text: str, voice: speech.Voice, name: str, background: bool = False) -> str:
         path = self.path(split, "speech", name)
-        self.pending.append((text, voice, path, background, [self.seed, SPLITS.index(split), len(self.pending)]))
+        noise_seed = [self.seed, SPLITS.index(split), len(self.spoken)]
+        self.spoken.append(self.speaking.submit(_speak, text, voice, path, background, noise_seed))
         if not background:
             self.said.setdefault((split, transcript(text)), []).append(self.rel(path))
         return self.rel(path)
@@ -309,20 +325,11 @@ class _Builder:
         english = speech.voices(split)
         return self.say(split, text, english[rng.integers(len(english))], name)
 
-    def speak_all(self) -> None:
-        """Synthesise every queued utterance (two workers), then clear the queue."""
-        import soundfile
-
-        def work(job):
-            text, voice, path, background, noise_seed = job
-            audio = speech.synthesize(text, voice)
-            if background:  # the noise of each split's clips its own, not a copy of train's
-                audio = speech.mix_background(audio, np.random.default_rng(noise_seed), level=0.35)
-            soundfile.write(path, audio, 16_000, subtype="PCM_16")  # FLAC: half the size of WAV
-
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(work, self.pending))
-        self.pending = []
+    def wait_for_speech(self) -> None:
+        """Wait until every utterance asked for is written (a failed one raises here)."""
+        for future in self.spoken:
+            future.result()
+        self.spoken = []
 
     def asr(self, split: str, n: int) -> list[Record]:
         rng = self.rng(split, "asr")
