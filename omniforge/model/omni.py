@@ -22,6 +22,7 @@ from torch import nn
 from omniforge.config import OmniConfig, load_config, save_config
 from omniforge.errors import CheckpointError, ConfigError, PlaceholderCountError
 from omniforge.files import atomic_folder
+from omniforge.model.attention import NAME as ATTENTION
 from omniforge.model.attention import PACKED_KEYS
 from omniforge.model.audio import AudioEncoder, save_ctc_head
 from omniforge.model.loading import load_llm
@@ -205,6 +206,11 @@ class OmniModel(nn.Module):
         if num_items_in_batch is not None:
             extra["num_items_in_batch"] = num_items_in_batch
         embeds = self.embed(input_ids, **inputs)
+        if attention_mask is None and "cu_seq_lens_q" in extra and self.llm.config._attn_implementation == ATTENTION:
+            # packed rows, which omniforge_sdpa splits at cu_seq_lens itself: with no mask, transformers
+            # would build the (L, L) block-diagonal one from position_ids, never read (3 % of a 1b step);
+            # an all-ones mask is one it skips
+            attention_mask = torch.ones_like(input_ids)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         labels=labels, use_cache=False, **extra)
 
