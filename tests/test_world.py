@@ -42,7 +42,8 @@ def test_every_split_has_its_tasks_in_the_training_format(world):
         names = {p.stem for p in (world / split).glob("*.jsonl")}
         assert {"image_qa", "ocr", "hires", "video_qa", "asr", "translation", "spoken_qa", "background",
                 "text_qa"} <= names
-    train_only = {"caption", "image_lookups", "image_sizes", "spoken_lookups", "text_lm", "video_directions"}
+    train_only = {"caption", "image_lookups", "image_sizes", "spoken_lookups", "written_lookups", "spoken_left",
+                  "written_left", "text_lm", "video_directions"}
     assert train_only <= {p.stem for p in (world / "train").glob("*.jsonl")}
     for file in (world / "test").glob("*.jsonl"):
         for line in file.read_text().splitlines():
@@ -191,6 +192,23 @@ def test_spoken_lookup_records_ask_every_question_of_a_scene_aloud(world):
         assert [world_module.transcript(q["content"].removeprefix("<image>\n")) for q in twin["messages"][::2]] == [
             a["heard"] for a in record["messages"][1::2]]
         assert [a["content"] for a in twin["messages"][1::2]] == [a["content"] for a in record["messages"][1::2]]
+
+
+def test_the_drills_left_question_is_also_asked_on_its_own_aloud_and_written(world):
+    def read(task):
+        return [json.loads(line) for line in (world / "train" / f"{task}.jsonl").read_text().splitlines()]
+
+    drills = list(zip(read("spoken_lookups"), read("written_lookups")))
+    alone = list(zip(read("spoken_left"), read("written_left")))
+    assert len(alone) == len(drills) == SMALL.spoken_lookups  # every drill scene has two shapes or more
+    for (spoken_drill, written_drill), (spoken, written) in zip(drills, alone):
+        turn = [q["content"].endswith("What is on the left?") for q in written_drill["messages"][::2]].index(True)
+        assert written["messages"] == [{"role": "user", "content": "<image>\nWhat is on the left?"},
+                                       written_drill["messages"][2 * turn + 1]]
+        assert spoken["messages"] == [{"role": "user", "content": "<image><audio>"}, spoken_drill["messages"][2 * turn + 1]]
+        assert spoken["messages"][1]["heard"] == "what is on the left"
+        assert spoken["audios"] == [spoken_drill["audios"][turn]]  # the drill's own utterance of it
+        assert spoken["images"] == written["images"] == written_drill["images"]
 
 
 def test_answers_to_spoken_queries_say_what_they_heard(world):
