@@ -38,6 +38,9 @@ TILE = 64
 CLIP_FPS = 4.0
 """Frame rate of the world's clips."""
 LEFT_QUESTION = "What is on the left?"
+LEFT_ON_ITS_OWN = ("spoken_left", "written_left")
+"""Tasks made of the drills' own turns (`left_on_its_own`): no text of their own, so the tokenizer is
+fit without them (their copies would reweight its merges, and every stage after them)."""
 SPANISH_COLOURS = {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "purple": "morado",
                    "orange": "naranja"}
 SPANISH_SHAPES = {"circle": ("el", "círculo"), "square": ("el", "cuadrado"), "triangle": ("el", "triángulo"),
@@ -134,7 +137,7 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
             # after every task that speaks: the drill asks its questions in their utterances
             tasks["spoken_lookups"], tasks["written_lookups"] = (
                 builder.spoken_lookups(split, n("spoken_lookups")) if split == "train" else ([], []))
-            tasks["spoken_left"], tasks["written_left"] = left_on_its_own(tasks["spoken_lookups"], tasks["written_lookups"])
+            tasks.update(zip(LEFT_ON_ITS_OWN, left_on_its_own(tasks["spoken_lookups"], tasks["written_lookups"])))
             builder.wait_for_speech()
             (out / split).mkdir(parents=True, exist_ok=True)
             for task, records in tasks.items():
@@ -569,6 +572,8 @@ def train_tokenizer(out: Path, vocab_size: int = 512) -> Path:
 
     texts = []
     for file in sorted((out / "train").glob("*.jsonl")):
+        if file.stem in LEFT_ON_ITS_OWN:
+            continue
         for line in file.read_text().splitlines():
             messages = json.loads(line)["messages"]
             # the chat template's role names as often as conversations show them, so that each is one
