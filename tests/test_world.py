@@ -76,6 +76,27 @@ class _SpeechRecorder:
         return done
 
 
+def test_a_failure_during_synthesis_cancels_the_speech_still_queued(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    started, lock = [], threading.Lock()
+
+    def slow_speech(text, *_):
+        with lock:
+            started.append(text)
+        time.sleep(0.5)
+
+    def broken(*_):
+        raise RuntimeError("a renderer failed")
+
+    monkeypatch.setattr(world_module, "_speak", slow_speech)
+    monkeypatch.setattr(world_module._Builder, "captions", broken)  # right after the spoken questions are queued
+    with pytest.raises(RuntimeError, match="a renderer failed"):
+        synthesize_world(tmp_path, seed=0, size=SMALL, log=lambda _: None)
+    assert len(started) == 2  # the two the workers had begun; the other spoken questions were never said
+
+
 def test_background_talk_in_test_is_never_heard_in_training(tmp_path):
     recorder = _SpeechRecorder()
     builder = world_module._Builder(tmp_path, seed=0, speaking=recorder)

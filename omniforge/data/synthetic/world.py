@@ -112,7 +112,8 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
     """Write the whole world under `out`; the same seed gives the same files."""
     out = Path(out)
     size = size or WorldSize()
-    with ThreadPoolExecutor(2) as speaking:  # speech is synthesised while the split's images and clips render
+    speaking = ThreadPoolExecutor(2)  # speech is synthesised while the split's images and clips render
+    try:
         builder = _Builder(out, seed, speaking)
         for split in SPLITS:
             n = (lambda task: getattr(size, task)) if split == "train" else (lambda task: size.eval_size)
@@ -144,6 +145,8 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
                 if records:
                     (out / split / f"{task}.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
             log(f"  {split}: " + ", ".join(f"{t} {len(r)}" for t, r in tasks.items() if r))
+    finally:  # a failure raises now, not after the thousands of utterances still queued
+        speaking.shutdown(cancel_futures=True)
     train_tokenizer(out)
     (out / "world.json").write_text(json.dumps({
         "seed": seed, "size": asdict(size), "held_out_pairs": sorted(map(list, scenes.HELD_OUT)),
