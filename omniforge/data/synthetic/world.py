@@ -483,16 +483,16 @@ def left_on_its_own(spoken: list[Record], written: list[Record]) -> tuple[list[R
     question asked first in image QA is one of five kinds: after stage 3, a written "What is on
     the left?" named the right colour and a wrong shape (44 % on 34 questions of a validation
     world, against 100 % for every lookup); with these two, 100 % (session 29)."""
-    found: tuple[list[Record], list[Record]] = ([], [])
+    spoken_alone, written_alone = [], []
     for spoken_drill, written_drill in zip(spoken, written):
         for turn, (question, answer) in enumerate(zip(written_drill.messages[::2], written_drill.messages[1::2])):
             if question["content"].endswith(LEFT_QUESTION):
-                said = spoken_drill.messages[2 * turn + 1]
-                found[0].append(Record("spoken_left", "exact_match", [{"role": "user", "content": "<image><audio>"}, said],
-                                       images=spoken_drill.images, audios=[spoken_drill.audios[turn]]))
-                found[1].append(_qa("written_left", "exact_match", f"<image>\n{LEFT_QUESTION}", answer["content"],
-                                    images=written_drill.images))
-    return found
+                heard = spoken_drill.messages[2 * turn + 1]["heard"]
+                spoken_alone.append(_qa("spoken_left", spoken_drill.metric, "<image><audio>", answer["content"], heard=heard,
+                                        images=spoken_drill.images, audios=[spoken_drill.audios[turn]]))
+                written_alone.append(_qa("written_left", written_drill.metric, f"<image>\n{LEFT_QUESTION}", answer["content"],
+                                         images=written_drill.images))
+    return spoken_alone, written_alone
 
 
 def describe(shapes: list[scenes.Shape]) -> str:
