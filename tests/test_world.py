@@ -16,8 +16,9 @@ from omniforge.data.synthetic.world import WorldSize, synthesize_world
 from omniforge.errors import ConfigError
 from omniforge.eval.readers import TaskSpec, load_tasks
 
-SMALL = WorldSize(caption=4, image_qa=6, image_lookups=4, image_sizes=4, ocr=3, hires=3, video_qa=4, video_directions=8, asr=5,
-                  translation=3, spoken_qa=4, spoken_lookups=4, background=4, text_qa=4, text_lm=6, eval_size=4)
+SMALL = WorldSize(caption=4, image_qa=6, image_lookups=4, image_sizes=4, ocr=3, hires=3, video_qa=4, video_directions=8,
+                  video_directions_all_lengths=6, asr=5, translation=3, spoken_qa=4, spoken_lookups=4, background=4,
+                  text_qa=4, text_lm=6, eval_size=4)
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -43,7 +44,7 @@ def test_every_split_has_its_tasks_in_the_training_format(world):
         assert {"image_qa", "ocr", "hires", "video_qa", "asr", "translation", "spoken_qa", "background",
                 "text_qa"} <= names
     train_only = {"caption", "image_lookups", "image_sizes", "spoken_lookups", "written_lookups", "spoken_left",
-                  "written_left", "text_lm", "video_directions"}
+                  "written_left", "text_lm", "video_directions", "video_directions_all_lengths"}
     assert train_only <= {p.stem for p in (world / "train").glob("*.jsonl")}
     for file in (world / "test").glob("*.jsonl"):
         for line in file.read_text().splitlines():
@@ -119,17 +120,20 @@ def test_videos_cover_all_three_sampling_regimes(world):
     assert all(1.9 < d < 20.5 for d in durations)
 
 
-def test_direction_clips_move_the_way_their_answer_says(world):
+@pytest.mark.parametrize("task", ["video_directions", "video_directions_all_lengths"])
+def test_direction_clips_move_the_way_their_answer_says(world, task):
     from omniforge.processing.video import load_video
 
-    lines = (world / "train" / "video_directions.jsonl").read_text().splitlines()
-    assert len(lines) == SMALL.video_directions
+    lines = (world / "train" / f"{task}.jsonl").read_text().splitlines()
+    assert len(lines) == getattr(SMALL, task)
+    frame_counts = set()
     for line in lines:
         record = json.loads(line)
         question, answer = (m["content"] for m in record["messages"])
         assert question.startswith("<video>\nWhich way does the ") and answer in ("left", "right", "up", "down")
         video = load_video(world / "train" / record["videos"][0])
-        assert 1.9 < video.duration < 4.1 and len(video.frames) == 4  # short: 4 sampled frames
+        assert 1.9 < video.duration < (4.1 if task == "video_directions" else 20.5)
+        frame_counts.add(len(video.frames))
 
         def centre(frame) -> np.ndarray:  # (x, y) of the pixels far from the background
             pixels = np.asarray(frame.convert("RGB")).astype(int)
@@ -139,6 +143,24 @@ def test_direction_clips_move_the_way_their_answer_says(world):
         dx, dy = centre(video.frames[-1]) - centre(video.frames[0])
         moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
         assert moved == answer and max(abs(dx), abs(dy)) > 20  # pixels, of 64
+    # the drill's clips are short (4 sampled frames); the others as long as video_qa's
+    assert frame_counts == {4} if task == "video_directions" else len(frame_counts) > 1
+
+
+def test_tasks_that_repeat_other_tasks_sentences_leave_the_tokenizer_as_it_was(world, tmp_path):
+    import shutil
+
+    from omniforge.data.synthetic.world import NOT_FOR_THE_TOKENIZER, train_tokenizer
+
+    shutil.copytree(world / "train", tmp_path / "train")
+    assert {"spoken_left", "written_left", "video_directions_all_lengths"} <= set(NOT_FOR_THE_TOKENIZER)
+    unheard = json.dumps({"messages": [{"role": "user", "content": "zqxv " * 50}]}) + "\n"
+    for task in NOT_FOR_THE_TOKENIZER:  # text of their own would give the tokenizer merges of it
+        with open(tmp_path / "train" / f"{task}.jsonl", "a") as file:
+            file.write(unheard * 20)
+    refit = json.loads((train_tokenizer(tmp_path) / "tokenizer.json").read_text())["model"]
+    fitted = json.loads((world / "tokenizer" / "tokenizer.json").read_text())["model"]
+    assert refit["vocab"] == fitted["vocab"] and refit["merges"] == fitted["merges"]
 
 
 def test_background_speech_has_no_answer_and_the_background_state(world):
@@ -323,7 +345,8 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     stages = [r["stage"] for r in report["stages"]]
     assert stages == ["0_text_warmup", "1a_visual_alignment", "1b_attribute_lookups", "1b_size_lookups",
-                      "1b_visual_fine_grained", "1c_high_resolution", "2_audio_alignment", "3_cross_modal"]
+                      "1b_visual_fine_grained", "1c_high_resolution", "2_audio_alignment", "2b_video_directions",
+                      "3_cross_modal"]
     final = report["stages"][-1]["scores"]
     assert {"image_qa", "video_qa", "asr", "translation", "background", "consistency", "text_qa"} <= set(final)
     assert 0 <= final["asr"]["wer"] and 0 <= final["image_qa"]["exact_match"] <= 100
