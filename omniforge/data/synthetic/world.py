@@ -27,6 +27,7 @@ import json
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -319,7 +320,8 @@ class _Builder:
         training clips, and the long test clips at 43-71 % on seed 0 (BENCHMARKS.md, session 30)."""
         return self.crossings(split, n, "video_directions_all_lengths", "crossing", clip_seconds)
 
-    def crossings(self, split: str, n: int, task: str, prefix: str, seconds) -> list[Record]:
+    def crossings(self, split: str, n: int, task: str, prefix: str,
+                  seconds: Callable[[np.random.Generator], float]) -> list[Record]:
         """`n` clips of `seconds(rng)` seconds of one shape crossing the frame, saved as
         `<prefix>_NNNNN.mp4`, each asking which way it moves."""
         rng = self.rng(split, task)
