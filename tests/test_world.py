@@ -144,7 +144,7 @@ def test_direction_clips_move_the_way_their_answer_says(world, task):
         moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
         assert moved == answer and max(abs(dx), abs(dy)) > 20  # pixels, of 64
     # the drill's clips are short (4 sampled frames); the others as long as video_qa's
-    assert frame_counts == {4} if task == "video_directions" else len(frame_counts) > 1
+    assert (frame_counts == {4}) if task == "video_directions" else (len(frame_counts) > 1)
 
 
 def test_tasks_that_repeat_other_tasks_sentences_leave_the_tokenizer_as_it_was(world, tmp_path):
