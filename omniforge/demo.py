@@ -24,6 +24,8 @@ TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 QUICK_STEPS = 1 / 16
 """--quick trains this fraction of each stage's steps."""
 EVAL_BATCH = 32
+TEST_CACHE_BYTES = 2**30
+"""The test split encoded (~0.2 GiB), kept from one stage's table to the next."""
 BY_QUESTION = ("image_qa", "video_qa")
 """Tasks whose final scores the report also breaks down by kind of question."""
 MAX_NEW_TOKENS = 32
@@ -51,6 +53,7 @@ COLUMNS = [  # (heading, task, metric, format)
 
 def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     """Run everything; returns the report (also written to `out/report.json`)."""
+    from omniforge.data.dataset import SampleCache
     from omniforge.eval.readers import TaskSpec, load_tasks
     from omniforge.eval.runner import evaluate
     from omniforge.model.generate import GenerationConfig
@@ -78,12 +81,13 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
             stage.warmup_steps = min(stage.warmup_steps, stage.steps // 4)
     rows: list[dict] = []
     decoding = GenerationConfig(ctc_weight=CTC_WEIGHT)
+    encoded_test = SampleCache(TEST_CACHE_BYTES)  # every stage's model has the same processor settings
 
     def after_stage(stage, model, export) -> None:
         tick = time.perf_counter()
         tasks = load_tasks(TaskSpec("synth", "synth", world / "test"))  # the whole split: 100 a task (±3 points)
         results = evaluate(model, tasks, out / "eval" / stage.name, batch_size=EVAL_BATCH,
-                           max_new_tokens=MAX_NEW_TOKENS, progress=False, decoding=decoding)
+                           max_new_tokens=MAX_NEW_TOKENS, progress=False, decoding=decoding, cache=encoded_test)
         scores = {r.task.split("/", 1)[1]: r.metrics for r in results}
         rows.append({"stage": stage.name, "scores": scores})
         print(f"\n== scores on the test split after {stage.name} ({time.perf_counter() - tick:.0f} s)")

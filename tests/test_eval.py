@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from omniforge.data.dataset import SampleCache
 from omniforge.data.media_writers import write_audio, write_video
 from omniforge.errors import OmniforgeError
 from omniforge.eval import metrics, readers
@@ -439,6 +440,22 @@ def test_batching_does_not_change_answers(omni_model, tmp_path):
     one = predict(omni_model, processor, items, batch_size=1, max_new_tokens=5, progress=False)
     four = predict(omni_model, processor, items, batch_size=4, max_new_tokens=5, progress=False)
     assert [getattr(o, "text", None) for o in one] == [getattr(o, "text", None) for o in four]
+
+
+def test_a_cache_of_encoded_prompts_serves_the_next_run_the_same_answers(omni_model, tmp_path):
+    tasks = [t for spec in (f"mme={make_mme(tmp_path / 'MME')}", f"synth={make_synth(tmp_path / 'synth')}")
+             for t in load_tasks(parse_task_spec(spec))]
+    cache = SampleCache(2**30)
+    first = evaluate(omni_model, tasks, tmp_path / "first", batch_size=3, max_new_tokens=4, progress=False, cache=cache)
+    encodable, misses = len(cache), cache.misses
+    assert cache.hits == 0 and encodable > 0
+    again = evaluate(omni_model, tasks, tmp_path / "again", batch_size=3, max_new_tokens=4, progress=False, cache=cache)
+    assert cache.hits == encodable and len(cache) == encodable  # the prompts whose media fail to load miss again
+    assert cache.misses - misses == misses - encodable
+    assert [r.metrics for r in again] == [r.metrics for r in first]
+    for task in tasks:
+        assert ((tmp_path / "again" / "predictions" / f"{task.name}.jsonl").read_text()
+                == (tmp_path / "first" / "predictions" / f"{task.name}.jsonl").read_text())
 
 
 def test_cli_writes_scores_and_compares(omni_model, tmp_path, capsys):

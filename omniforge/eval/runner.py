@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
+from omniforge.data.dataset import SampleCache
 from omniforge.errors import OmniforgeError
 from omniforge.eval import metrics
 from omniforge.eval.readers import Sample, Skipped, Task
@@ -57,9 +58,13 @@ class TaskScores:
 
 
 def evaluate(model, tasks: list[Task], out_dir: str | Path, batch_size: int = 8, max_new_tokens: int | None = None,
-             progress: bool = True, decoding: GenerationConfig | None = None) -> list[TaskScores]:
+             progress: bool = True, decoding: GenerationConfig | None = None,
+             cache: SampleCache | None = None) -> list[TaskScores]:
     """Answer and score every task; write predictions, scores.json and scores.md under `out_dir`.
-    decoding: how to pick tokens (visual contrast, CTC fusion; default plain greedy), see `predict`."""
+    decoding: how to pick tokens (visual contrast, CTC fusion; default plain greedy), see `predict`.
+    cache: encoded prompts kept for the next call that scores the same tasks with a model of the
+    same processor settings (the demo scores its test split after every stage; encoding is a fifth
+    of a table's time), keyed by task name and item."""
     require_distinct_names(tasks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +75,7 @@ def evaluate(model, tasks: list[Task], out_dir: str | Path, batch_size: int = 8,
     try:
         for task in tasks:
             outcomes = predict(model, processor, task.items, batch_size, max_new_tokens, progress, desc=task.name,
-                               decoding=decoding)
+                               decoding=decoding, cache=cache)
             write_predictions(out_dir / "predictions" / f"{task.name}.jsonl", outcomes)
             answered = [o for o in outcomes if isinstance(o, Prediction)]
             results.append(TaskScores(task.name, score(answered) if answered else {}, len(answered),
@@ -94,17 +99,19 @@ def require_distinct_names(tasks: list[Task]) -> None:
 
 def predict(model, processor: OmniProcessor, items: list[Sample | Skipped], batch_size: int = 8,
             max_new_tokens: int | None = None, progress: bool = True, desc: str | None = None,
-            decoding: GenerationConfig | None = None) -> list[Prediction | Skipped]:
+            decoding: GenerationConfig | None = None, cache: SampleCache | None = None) -> list[Prediction | Skipped]:
     """Answers in batches, in item order; a sample whose media or messages fail to encode is skipped.
 
     decoding: a `GenerationConfig` whose `max_new_tokens` and `transcribe` each batch sets itself (the
-    metric's budget; a transcript where the metric is WER); None: greedy."""
+    metric's budget; a transcript where the metric is WER); None: greedy. cache: encoded prompts,
+    keyed by (`desc`, item index), as `evaluate` says."""
     outcomes: list[Prediction | Skipped] = []
     shown = 0
     with tqdm(total=len(items), desc=desc, unit="sample", disable=not progress) as bar:
         for start in range(0, len(items), batch_size):
+            keys = [(desc or "", i) for i in range(start, min(start + batch_size, len(items)))]
             answered = _answer_batch(model, processor, items[start:start + batch_size], max_new_tokens,
-                                     decoding or GenerationConfig())
+                                     decoding or GenerationConfig(), cache, keys)
             for skip in (o for o in answered if isinstance(o, Skipped)):
                 if shown < SHOWN_SKIPS:
                     shown += 1
@@ -114,8 +121,9 @@ def predict(model, processor: OmniProcessor, items: list[Sample | Skipped], batc
     return outcomes
 
 
-def _answer_batch(model, processor: OmniProcessor, chunk: list[Sample | Skipped],
-                  max_new_tokens: int | None, decoding: GenerationConfig) -> list[Prediction | Skipped]:
+def _answer_batch(model, processor: OmniProcessor, chunk: list[Sample | Skipped], max_new_tokens: int | None,
+                  decoding: GenerationConfig, cache: SampleCache | None,
+                  keys: list[tuple[str, int]]) -> list[Prediction | Skipped]:
     """One batch, in order: each sample encoded (or skipped), the encoded ones answered together and judged."""
     samples = [(i, item) for i, item in enumerate(chunk) if isinstance(item, Sample)]
     slots: list[Prediction | Skipped] = list(chunk)
@@ -123,7 +131,7 @@ def _answer_batch(model, processor: OmniProcessor, chunk: list[Sample | Skipped]
         budget = max_new_tokens or max(MAX_NEW_TOKENS[sample.metric] for _, sample in samples)
         config = replace(decoding, max_new_tokens=budget, transcribe=all(s.metric == "wer" for _, s in samples))
         answers = answer_prompts(model, processor, [Prompt(s.messages, s.media, s.system, s.id) for _, s in samples],
-                                 config)
+                                 config, cache, [keys[i] for i, _ in samples])
         for (i, sample), answer in zip(samples, answers):
             slots[i] = (Skipped(sample.id, str(answer)) if isinstance(answer, OmniforgeError)
                         else Prediction(sample, answer.text, judge(sample, answer.text), answer.heard))
@@ -141,17 +149,24 @@ class Prompt(NamedTuple):
     """What errors name it by."""
 
 
-def answer_prompts(model, processor: OmniProcessor, prompts: list[Prompt],
-                   config: GenerationConfig) -> list[Completion | OmniforgeError]:
+def answer_prompts(model, processor: OmniProcessor, prompts: list[Prompt], config: GenerationConfig,
+                   cache: SampleCache | None = None, keys: list | None = None) -> list[Completion | OmniforgeError]:
     """Answers to one batch of prompts, in order; a prompt whose media or messages fail to encode
-    gets its error instead, and the rest are answered."""
+    gets its error instead, and the rest are answered. cache, keys: each prompt's encoding is looked
+    up in (and put into) `cache` under its key."""
     encoded: list[Encoded | OmniforgeError] = []
-    for prompt in prompts:
+    for prompt, key in zip(prompts, keys or [None] * len(prompts)):
+        if cache is not None and (held := cache.get(key)) is not None:
+            encoded.append(held)
+            continue
         try:
             encoded.append(processor.encode(prompt.messages, prompt.media, system=prompt.system,
                                             add_generation_prompt=True, where=prompt.where))
         except OmniforgeError as e:
             encoded.append(e)
+            continue
+        if cache is not None:
+            cache.put(key, encoded[-1])
     ready = [e for e in encoded if not isinstance(e, OmniforgeError)]
     answers = iter(generate_completions(model, processor, ready, config) if ready else [])
     return [e if isinstance(e, OmniforgeError) else next(answers) for e in encoded]
