@@ -123,8 +123,9 @@ of an unexpected type or shape raises in code that indexes, calls and converts i
 
 class SampleCache:
     """Encoded samples (media decoded, text tokenized) kept in memory up to `max_bytes`, the least
-    recently read out first; keyed by file and record, for one processor (one model's tokenizer and
-    media settings), so it lives as long as one `train()` run and is shared by its stages.
+    recently read out first; keyed by file and record (evaluation: task and item), for one processor
+    (one model's tokenizer and media settings), so it lives as long as one `train()` run and is
+    shared by its stages (or by the demo's per-stage evaluations).
 
     Reading a sample is 15-20 % of a step of the demo, whose small world is read several times over
     across stages: 77 % of its reads served, 2.3 GiB held (BENCHMARKS.md, session 25); a corpus read

@@ -153,7 +153,9 @@ def answer_prompts(model, processor: OmniProcessor, prompts: list[Prompt], confi
                    cache: SampleCache | None = None, keys: list | None = None) -> list[Completion | OmniforgeError]:
     """Answers to one batch of prompts, in order; a prompt whose media or messages fail to encode
     gets its error instead, and the rest are answered. cache, keys: each prompt's encoding is looked
-    up in (and put into) `cache` under its key."""
+    up in (and put into) `cache` under its key (one a prompt)."""
+    if cache is not None and (keys is None or len(keys) != len(prompts)):
+        raise ValueError(f"answer_prompts: a cache needs one key a prompt ({len(prompts)} prompts, keys {keys})")
     encoded: list[Encoded | OmniforgeError] = []
     for prompt, key in zip(prompts, keys or [None] * len(prompts)):
         if cache is not None and (held := cache.get(key)) is not None:
