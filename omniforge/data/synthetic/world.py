@@ -119,8 +119,9 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
     out = Path(out)
     size = size or WorldSize()
     speaking = ThreadPoolExecutor(2)  # speech is synthesised while the split's images and clips render
+    encoding = ThreadPoolExecutor(1)  # and each clip is encoded to MP4 while the next ones render
     try:
-        builder = _Builder(out, seed, speaking)
+        builder = _Builder(out, seed, speaking, encoding)
         for split in SPLITS:
             n = (lambda task: getattr(size, task)) if split == "train" else (lambda task: size.eval_size)
             spoken, written = builder.spoken_qa(split, n("spoken_qa"))
@@ -147,7 +148,7 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
             tasks["spoken_lookups"], tasks["written_lookups"] = (
                 builder.spoken_lookups(split, n("spoken_lookups")) if split == "train" else ([], []))
             tasks.update(zip(LEFT_ON_ITS_OWN, left_on_its_own(tasks["spoken_lookups"], tasks["written_lookups"])))
-            builder.wait_for_speech()
+            builder.wait_for_media()
             (out / split).mkdir(parents=True, exist_ok=True)
             for task, records in tasks.items():
                 if records:
@@ -155,6 +156,7 @@ def synthesize_world(out: str | Path, seed: int = 0, size: WorldSize | None = No
             log(f"  {split}: " + ", ".join(f"{t} {len(r)}" for t, r in tasks.items() if r))
     finally:  # a failure raises now, not after the thousands of utterances still queued
         speaking.shutdown(cancel_futures=True)
+        encoding.shutdown(cancel_futures=True)
     train_tokenizer(out)
     (out / "world.json").write_text(json.dumps({
         "seed": seed, "size": asdict(size), "held_out_pairs": sorted(map(list, scenes.HELD_OUT)),
@@ -178,12 +180,15 @@ def _speak(text: str, voice: speech.Voice, path: Path, background: bool, noise_s
 
 
 class _Builder:
-    """Makes records and media files; speech is synthesised by `speaking` as it is asked for."""
+    """Makes records and media files; speech is synthesised by `speaking` as it is asked for, clips
+    are encoded by `encoding` (None: at once)."""
 
-    def __init__(self, out: Path, seed: int, speaking: Executor):
-        self.out, self.seed, self.speaking = out, seed, speaking
+    def __init__(self, out: Path, seed: int, speaking: Executor, encoding: Executor | None = None):
+        self.out, self.seed, self.speaking, self.encoding = out, seed, speaking, encoding
         self.spoken: list[Future] = []
-        """The split's utterances asked for so far (`wait_for_speech` clears it)."""
+        """The split's utterances asked for so far (`wait_for_media` clears it)."""
+        self.encoded: list[Future] = []
+        """The split's clips handed to `encoding` so far (`wait_for_media` clears it)."""
         self.said: dict[tuple[str, str], list[str]] = {}
         """(split, `transcript(text)`) -> every utterance of it queued so far."""
 
@@ -212,7 +217,10 @@ class _Builder:
         from omniforge.data.media_writers import write_video
 
         video = self.path(split, "videos", name)
-        write_video(video, clip.frames, fps=clip.fps, gop=8)
+        if self.encoding is None:
+            write_video(video, clip.frames, fps=clip.fps, gop=8)
+        else:  # 40 % of the main thread's time: encoded beside the rendering, the world is written 10 s sooner
+            self.encoded.append(self.encoding.submit(write_video, video, clip.frames, fps=clip.fps, gop=8))
         return self.rel(video)
 
     def rel(self, path: Path) -> str:
@@ -353,11 +361,11 @@ class _Builder:
         english = speech.voices(split)
         return self.say(split, text, english[rng.integers(len(english))], name)
 
-    def wait_for_speech(self) -> None:
-        """Wait until every utterance asked for is written (a failed one raises here)."""
-        for future in self.spoken:
+    def wait_for_media(self) -> None:
+        """Wait until every utterance and clip asked for is written (a failed one raises here)."""
+        for future in self.spoken + self.encoded:
             future.result()
-        self.spoken = []
+        self.spoken, self.encoded = [], []
 
     def asr(self, split: str, n: int) -> list[Record]:
         rng = self.rng(split, "asr")
