@@ -100,7 +100,7 @@ def test_a_failure_during_synthesis_cancels_the_speech_still_queued(tmp_path, mo
 
 def test_background_talk_in_test_is_never_heard_in_training(tmp_path):
     recorder = _SpeechRecorder()
-    builder = world_module._Builder(tmp_path, seed=0, speaking=recorder)
+    builder = world_module._Builder(tmp_path, seed=0, speaking=recorder, encoding=recorder)  # no clips here
     for split, talks in (("train", world_module.BACKGROUND_TALK), ("test", world_module.BACKGROUND_TALK_TEST)):
         recorder.asked.clear()
         builder.background(split, 12)
@@ -284,7 +284,7 @@ def test_answers_to_spoken_queries_say_what_they_heard(world):
 
 def test_spoken_drill_reuses_the_splits_utterances_of_a_question(tmp_path):
     recorder = _SpeechRecorder()
-    builder = world_module._Builder(tmp_path, seed=0, speaking=recorder)
+    builder = world_module._Builder(tmp_path, seed=0, speaking=recorder, encoding=recorder)  # no clips here
     voice = speech.voices("train")[0]
     said = builder.say("train", "what colour is the circle", voice, "asr_00000.flac")
     rng = np.random.default_rng(0)
