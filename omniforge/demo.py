@@ -81,11 +81,11 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
             stage.warmup_steps = min(stage.warmup_steps, stage.steps // 4)
     rows: list[dict] = []
     decoding = GenerationConfig(ctc_weight=CTC_WEIGHT)
+    tasks = load_tasks(TaskSpec("synth", "synth", world / "test"))  # the whole split: 100 a task (±3 points)
     encoded_test = SampleCache(TEST_CACHE_BYTES)  # every stage's model has the same processor settings
 
     def after_stage(stage, model, export) -> None:
         tick = time.perf_counter()
-        tasks = load_tasks(TaskSpec("synth", "synth", world / "test"))  # the whole split: 100 a task (±3 points)
         results = evaluate(model, tasks, out / "eval" / stage.name, batch_size=EVAL_BATCH,
                            max_new_tokens=MAX_NEW_TOKENS, progress=False, decoding=decoding, cache=encoded_test)
         scores = {r.task.split("/", 1)[1]: r.metrics for r in results}
