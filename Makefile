@@ -6,14 +6,16 @@ PYTHON ?= python3
 TORCH_INDEX ?=
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# the allocator the omniforge command runs under where the system has it (omniforge/cli.py)
+HAS_TCMALLOC := $(PYTHON) -c "import ctypes.util, sys; sys.exit(not ctypes.util.find_library('tcmalloc_minimal'))"
 
 .PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null || \
-		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng; }
+$(VENV)/.installed: pyproject.toml Makefile
+	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null && $(HAS_TCMALLOC) || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg espeak-ng libtcmalloc-minimal4; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH_INDEX),$(BIN)/pip install -q --index-url $(TORCH_INDEX) "$$(grep -o 'torch==[0-9.]*' pyproject.toml)")

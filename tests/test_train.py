@@ -1,5 +1,6 @@
 """The training engine: recipes, trainability, packing, the loop, checkpoints, resume, DDP."""
 
+import ctypes.util
 import json
 import os
 import random
@@ -59,6 +60,16 @@ def write_recipe(folder: Path, data: Path, stages: list[dict], **train) -> Path:
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "omniforge.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.mark.skipif(ctypes.util.find_library("tcmalloc_minimal") is None, reason="no tcmalloc on this system")
+def test_the_command_starts_again_under_tcmalloc_unless_told_not_to():
+    probe = ("import omniforge.cli as cli; cli.rerun_under_tcmalloc(); "
+             "print('tcmalloc' in open('/proc/self/maps').read())")
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OMNIFORGE_TCMALLOC")}
+    loaded = [subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                             env={**clean, **extra}).stdout.split() for extra in ({}, {"OMNIFORGE_TCMALLOC": "0"})]
+    assert loaded == [["True"], ["False"]]
 
 
 def metrics(run: Path) -> list[dict]:
