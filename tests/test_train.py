@@ -113,9 +113,13 @@ def test_shipped_7b_recipe_follows_the_papers_phases():
     (["train.lora.dropout=1"], "train.lora.dropout: must be within [0, 1)"),
     (["train.weight_decay=-0.1"], "train.weight_decay: must be >= 0"),
     (["train.max_grad_norm=-1"], "train.max_grad_norm: must be >= 0"),
+    (["stages.0.beside=b"], "stages.a.beside: must name the stage just before it (none), got 'b'"),
+    (["stages.1.beside=c"], "stages.b.beside: must name the stage just before it (a), got 'c'"),
+    (["stages.1.beside=a", "stages.1.components.llm=lora"], "stages.b.beside: both stages train llm"),
 ])
 def test_recipe_errors_name_the_key(tmp_path, dataset, override, message):
-    path = write_recipe(tmp_path, dataset, [{"name": "a", "steps": 2, "batch_tokens": 512}])
+    path = write_recipe(tmp_path, dataset, [{"name": "a", "steps": 2, "batch_tokens": 512, "components": {"llm": "full"}},
+                                            {"name": "b", "steps": 2, "batch_tokens": 512}])
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_recipe(path, override)
 
@@ -587,6 +591,71 @@ def test_a_stage_starts_from_its_own_rng_state_whatever_ran_before(tmp_path, dat
         with pytest.raises(Started):
             loop.run_stage(recipe, recipe.stages[1], model, processor, None, Distributed(), loop._Log(tmp_path, False), None)
     assert draws[0] == draws[1]
+
+
+def split_by_media(dataset: Path) -> dict[str, Path]:
+    """The toy records that hold audio, and those that hold none, each in a file beside `dataset`."""
+    records = [json.loads(line) for line in dataset.read_text().splitlines()]
+    files = {"heard": [r for r in records if "audios" in r], "seen": [r for r in records if "audios" not in r]}
+    for name, chosen in files.items():
+        (dataset.parent / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    return {name: dataset.parent / f"{name}.jsonl" for name in files}
+
+
+BESIDE = [  # stage 2 of the micro recipe and the stage that trains beside it, in small
+    {"name": "hear", "components": {"audio_adapter": "full"}, "lr": {"default": 3e-3}, "steps": 4, "batch_tokens": 512},
+    {"name": "see", "components": {"vision_adapter": "full", "llm": "full"}, "lr": {"default": 3e-3}, "steps": 4,
+     "batch_tokens": 512, "beside": "hear"},
+]
+
+
+def test_a_stage_beside_the_one_before_ends_with_the_weights_of_running_them_in_turn(tmp_path, dataset, monkeypatch,
+                                                                                    capsys):
+    from omniforge.train import loop
+
+    files = split_by_media(dataset)
+    stages = [{**s, "data": [{"path": str(files["heard" if s["name"] == "hear" else "seen"])}]} for s in BESIDE]
+    threads = torch.get_num_threads()
+    exported, printed = {}, {}
+    for side_by_side in (False, True):
+        recipe = load_recipe(write_recipe(tmp_path / str(side_by_side), dataset, stages))
+        monkeypatch.setattr(loop, "_side_by_side_pays", lambda dist: side_by_side)
+        torch.set_num_threads(2 if side_by_side else 1)  # one thread a stage either way: the same sums, bit for bit
+        ends = {}
+        try:
+            loop.train(recipe, on_stage_end=lambda stage, model, export: ends.update(
+                {stage.name: {k: v.clone() for k, v in model.state_dict().items()}}))
+        finally:
+            torch.set_num_threads(threads)
+        printed[side_by_side] = capsys.readouterr().out
+        run = Path(recipe.train.out_dir)
+        steps = [(r["stage"], r["step"]) for r in metrics(run) if "loss" in r]
+        assert sorted(steps) == [(name, i) for name in ("hear", "see") for i in range(1, 5)]
+        exported[side_by_side] = {name: OmniModel.from_pretrained(run / "stages" / name).state_dict()
+                                  for name in ("hear", "see")}
+        for name, weights in ends.items():  # what on_stage_end saw is what was exported
+            assert all(torch.equal(weights[k], exported[side_by_side][name][k]) for k in weights)
+    assert "trained beside hear" in printed[True] and "trained beside" not in printed[False]
+    for name in ("hear", "see"):
+        assert all(torch.equal(exported[True][name][k], exported[False][name][k]) for k in exported[False][name]), name
+    hear, see = exported[True]["hear"], exported[True]["see"]
+    loop._seed_everything(recipe.train.seed)  # as train() does before building the model
+    before = OmniModel.from_config(recipe.model).state_dict()
+    changed = {k for k in see if not torch.equal(see[k], hear[k])}
+    assert changed and all(k.startswith(("vision_adapter.", "llm.")) for k in changed)  # what "see" trains
+    assert all(torch.equal(see[k], hear[k]) for k in see if k.startswith("audio_adapter."))  # as "hear" left it
+    assert any(not torch.equal(hear[k], before[k]) for k in hear if k.startswith("audio_adapter."))
+
+
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_a_stage_beside_one_whose_components_its_data_reaches_is_refused(tmp_path, dataset, monkeypatch, side_by_side):
+    from omniforge.train import loop
+
+    stages = [{**s, "data": [{"path": str(dataset)}]} for s in BESIDE]  # "see" would hear the audio records too
+    recipe = load_recipe(write_recipe(tmp_path, dataset, stages))
+    monkeypatch.setattr(loop, "_side_by_side_pays", lambda dist: side_by_side)
+    with pytest.raises(ConfigError, match="stages.see.beside: its data reaches audio_adapter, which stage hear trains"):
+        loop.train(recipe)
 
 
 def test_a_torn_metrics_line_breaks_neither_the_plot_nor_the_run(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,10 +33,18 @@ from omniforge.errors import CheckpointError, ConfigError
 from omniforge.files import atomic_folder, write_text_atomic
 from omniforge.model.omni import OmniModel
 from omniforge.processing.chat import OmniProcessor
-from omniforge.train.components import check_stage_parts, configure_stage, format_table, merge_lora, param_groups
+from omniforge.train.components import (
+    ComponentRow,
+    check_stage_parts,
+    component_of,
+    configure_stage,
+    format_table,
+    merge_lora,
+    param_groups,
+)
 from omniforge.train.distributed import Distributed
 from omniforge.train.evaluate import Evaluator
-from omniforge.train.recipe import Recipe, StageConfig
+from omniforge.train.recipe import COMPONENTS, MODULE_OF, Recipe, StageConfig
 
 CHECKPOINTS, STAGES = "checkpoints", "stages"
 
@@ -74,21 +82,46 @@ def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False,
     processor = OmniProcessor.from_model(model)
     evaluator = Evaluator(recipe.evals, processor, warn=log.print) if recipe.evals else None
     cache = SampleCache(int(recipe.train.sample_cache_gb * 2**30)) if recipe.train.sample_cache_gb else None
-    export = None
-    for stage in stages:
-        export = run_stage(recipe, stage, model, processor, evaluator, dist, log,
-                           state if state is not None and state["stage"] == stage.name else None, cache)
-        state = None
-        if on_stage_end is not None and dist.is_main:
-            on_stage_end(stage, model, export)
-        dist.barrier()
+    export, beside = None, None
+    try:
+        for before, stage, after in zip([None, *stages], stages, [*stages[1:], None]):
+            if beside is not None:  # trained beside the stage before, in a process of its own: its weights join
+                rows, steps, skipped = beside.join(model, log)
+                beside = None
+                export = export_stage(recipe, stage, model, rows, steps, skipped, evaluator, dist, log)
+            else:
+                resumed = state if state is not None and state["stage"] == stage.name else None
+                if after is not None and after.beside == stage.name and resumed is None and _side_by_side_pays(dist):
+                    beside = _Beside(recipe, after, stage, model)
+                unread = before if before is not None and stage.beside == before.name else None
+                export = run_stage(recipe, stage, model, processor, evaluator, dist, log, resumed, cache, beside, unread)
+            state = None
+            if on_stage_end is not None and dist.is_main:
+                on_stage_end(stage, model, export)
+            dist.barrier()
+    finally:
+        if beside is not None:  # an error here: nothing will join the stage beside
+            beside.stop()
     dist.close()
     return export
 
 
 def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: OmniProcessor,
               evaluator: Evaluator | None, dist: Distributed, log: "_Log", state: dict | None,
-              cache: SampleCache | None = None) -> Path:
+              cache: SampleCache | None = None, beside: "_Beside | None" = None,
+              unread: StageConfig | None = None) -> Path:
+    """Train `stage` and export it; returns the export folder. beside: a stage training meanwhile
+    in a process of its own (this one takes all of torch's threads again once it is done). unread:
+    the stage this one is `beside`, whose components its data must not reach."""
+    rows, steps, skipped = fit_stage(recipe, stage, model, processor, evaluator, dist, log, state, cache, beside, unread)
+    return export_stage(recipe, stage, model, rows, steps, skipped, evaluator, dist, log, cache)
+
+
+def fit_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: OmniProcessor,
+              evaluator: Evaluator | None, dist: Distributed, log: "_Log", state: dict | None,
+              cache: SampleCache | None = None, beside: "_Beside | None" = None,
+              unread: StageConfig | None = None) -> tuple[list[ComponentRow], int, dict]:
+    """The training of `run_stage`: its component rows, steps and skipped samples by reason."""
     settings = recipe.train
     out = Path(settings.out_dir)
     if state is None:  # from its own seed, as when the stages before it ran in an earlier process (--resume, --stage)
@@ -125,8 +158,11 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16) if settings.precision == "bf16"
                 else nullcontext())
     progress = log.progress(steps, start_step, stage.name)
+    refusals = _refuse_reads(model, unread, stage) if unread is not None else []
     wrapped.train()
     for step in range(start_step + 1, steps + 1):
+        if beside is not None:
+            beside.poll()
         started = time.perf_counter()
         micro = [next(batches) for _ in range(stage.grad_accum)]  # endless: the mixture repeats its data
         labelled = dist.sum(sum(m.labelled for m in micro))
@@ -157,16 +193,26 @@ def run_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, processor: O
         if evaluator and stage.eval_every and step % stage.eval_every == 0 and step < steps:
             log.evals(stage.name, step, evaluator.run(model))
     progress.close()
+    for refusal in refusals:
+        refusal.remove()
     if isinstance(batches, Prefetch):
         batches.close()
     merge_lora(model)
     for parameter in model.parameters():
         parameter.requires_grad = False
+    return rows, steps, dict(stream.skipped)
+
+
+def export_stage(recipe: Recipe, stage: StageConfig, model: OmniModel, rows: list[ComponentRow], steps: int,
+                 skipped: dict, evaluator: Evaluator | None, dist: Distributed, log: "_Log",
+                 cache: SampleCache | None = None) -> Path:
+    """The end of `run_stage`: the model folder with its stage.json, the stage-end evals, the plot."""
+    out = Path(recipe.train.out_dir)
     export = out / STAGES / stage.name
     weights = dist.full_state_dict(model)  # collective under FSDP
     if dist.is_main:
         record = {**_settings(recipe, stage), "components": [asdict(r) for r in rows], "steps": steps,
-                  "skipped_samples": dict(stream.skipped)}
+                  "skipped_samples": skipped}
         model.save_pretrained(export, state_dict=weights, extra_files={"stage.json": json.dumps(record, indent=2)})
     if evaluator:
         log.evals(stage.name, steps, evaluator.run(model))
@@ -218,6 +264,88 @@ def _prefetch_pays(device: torch.device) -> bool:
     prefetch thread made the micro recipe's stage-1b steps 655 ms, against 451 ms inline.)"""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return device.type != "cpu" or cores > torch.get_num_threads()
+
+
+def _side_by_side_pays(dist: Distributed) -> bool:
+    """Whether a stage `beside` the one before trains at the same time: in one process on a CPU with
+    threads to split (under torchrun each process holds a share of the batch already)."""
+    return dist.world == 1 and dist.device.type == "cpu" and torch.get_num_threads() >= 2
+
+
+class _Beside:
+    """A stage training in a spawned process while this one trains the stage before it, each on half
+    of torch's threads, from the same weights. A step of a small model uses a second thread poorly
+    (1.4x on two cores), two processes use both: stages 2 and 2b of the micro recipe 167 -> 142 s
+    (BENCHMARKS.md, session 32). The weights come out as if the two ran in turn: they train
+    different components, and the later one's data reaches none of the earlier one's (refused as it
+    trains); the earlier one reads the later one's components as they were, as it would have."""
+
+    def __init__(self, recipe: Recipe, stage: StageConfig, before: StageConfig, model: OmniModel):
+        import multiprocessing
+
+        self.threads = torch.get_num_threads()
+        alone = replace(recipe, train=replace(recipe.train, checkpoint_every=0))  # this process's checkpoints stand for both
+        weights = {key: value.clone() for key, value in model.state_dict().items()}  # sent while this process trains
+        # spawn, not fork: a forked child of a process whose OpenMP pool has started can hang in it
+        self.pool = multiprocessing.get_context("spawn").Pool(1, torch.set_num_threads, (self.threads - self.threads // 2,))
+        self.result = self.pool.apply_async(_fit_beside, (alone, stage.name, before.name, model.config, weights))
+        torch.set_num_threads(self.threads // 2)
+
+    def poll(self) -> None:
+        """Once the stage beside is done, take all of torch's threads again (or raise its error now)."""
+        if self.result.ready() and torch.get_num_threads() < self.threads:
+            self.result.get()
+            torch.set_num_threads(self.threads)
+
+    def join(self, model: OmniModel, log: "_Log") -> tuple[list[ComponentRow], int, dict]:
+        """Wait for the stage beside; its trained components join `model`; returns what `fit_stage` does."""
+        try:
+            trained, rows, steps, skipped, lines = self.result.get()
+        finally:
+            self.stop(at_once=not (self.result.ready() and self.result.successful()))
+        for line in lines:
+            log.print(line)
+        model.load_state_dict(trained, strict=False)
+        return rows, steps, skipped
+
+    def stop(self, at_once: bool = True) -> None:
+        """End the process: at once where an error leaves a stage unfinished (a process ended at once
+        can leave a semaphore of the pool's behind, which Python then warns about)."""
+        if at_once:
+            self.pool.terminate()
+        else:
+            self.pool.close()
+        self.pool.join()
+        torch.set_num_threads(self.threads)
+
+
+def _fit_beside(recipe: Recipe, name: str, before: str, config, weights: dict) -> tuple:
+    """`_Beside`'s process: stage `name` from `weights`, with no evals (the stage-end ones run on the
+    joined weights); the weights of the components it trains, `fit_stage`'s results and its log lines."""
+    stage = recipe.stage(name)
+    model = OmniModel.from_config(config)
+    model.load_state_dict(weights)
+    lines = [f"(stage {name} trained beside {before}, in a process of its own)"]
+    log = _Log(Path(recipe.train.out_dir), True, lines)
+    rows, steps, skipped = fit_stage(recipe, stage, model, OmniProcessor.from_model(model), None,
+                                     Distributed.from_environment(), log, None,
+                                     SampleCache(int(recipe.train.sample_cache_gb * 2**30)) if recipe.train.sample_cache_gb
+                                     else None, None, recipe.stage(before))
+    trained = {key: value for key, value in model.state_dict().items() if stage.mode(component_of(key)) != "frozen"}
+    return trained, rows, steps, skipped, lines
+
+
+def _refuse_reads(model: OmniModel, before: StageConfig, stage: StageConfig) -> list:
+    """Hooks that stop `stage` where its data reaches a component `before` trains: `beside` it, it
+    would read that component as it was, not as `before` left it."""
+    def refuse(component: str):
+        def hook(*_):
+            raise ConfigError(f"stages.{stage.name}.beside: its data reaches {component}, which stage {before.name} "
+                              f"trains; it cannot train beside it (remove `beside`, or its records with that media)")
+        return hook
+
+    return [getattr(model, MODULE_OF[c]).register_forward_pre_hook(refuse(c)) for c in COMPONENTS
+            if before.mode(c) != "frozen" and getattr(model, MODULE_OF[c]) is not None]
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:
@@ -354,7 +482,7 @@ def _exported_at(recipe: Recipe, stage: StageConfig, export: Path, after: float,
     return written
 
 
-NOT_COMPARED = {"eval_every", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints",
+NOT_COMPARED = {"eval_every", "beside", "train.out_dir", "train.checkpoint_every", "train.keep_checkpoints",
                 "train.activation_checkpointing", "train.distributed", "train.sample_cache_gb"}
 """Settings --resume lets change: where a run writes, how often it evaluates and saves, and how it
 spreads, caches and recomputes its work do not change what its weights are trained on, or towards."""
@@ -386,13 +514,15 @@ def _changed_settings(now: dict, then: dict) -> list[str]:
 
 
 class _Log:
-    """Progress bar, metrics.jsonl and the loss plot (main process only)."""
+    """Progress bar, metrics.jsonl and the loss plot (main process only). lines: where printed
+    lines go instead, with no progress bar (a process whose lines another prints)."""
 
-    def __init__(self, out: Path, enabled: bool):
-        self.out, self.enabled = out, enabled
+    def __init__(self, out: Path, enabled: bool, lines: list[str] | None = None):
+        self.out, self.enabled, self.lines = out, enabled, lines
         if enabled:
             out.mkdir(parents=True, exist_ok=True)
-            self._end_torn_line()
+            if lines is None:  # else another process, which has done this, writes beside this one
+                self._end_torn_line()
 
     def _end_torn_line(self) -> None:
         """A run killed mid-write leaves the last line of metrics.jsonl unfinished: end it, so that this
@@ -405,7 +535,9 @@ class _Log:
                     f.write(b"\n")
 
     def print(self, message: str) -> None:
-        if self.enabled:
+        if self.lines is not None:
+            self.lines.append(message)
+        elif self.enabled:
             from tqdm import tqdm
 
             tqdm.write(message)
@@ -413,8 +545,8 @@ class _Log:
     def progress(self, total: int, initial: int, name: str):
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc=name, disable=not self.enabled, dynamic_ncols=True,
-                    mininterval=1.0)
+        return tqdm(total=total, initial=initial, desc=name, disable=not self.enabled or self.lines is not None,
+                    dynamic_ncols=True, mininterval=1.0)
 
     def step(self, record: dict, progress) -> None:
         if not self.enabled:

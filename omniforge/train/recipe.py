@@ -106,6 +106,12 @@ class StageConfig:
     """Micro-batches per optimizer step (per process)."""
     eval_every: int = 0
     """Run the recipe's evals every this many steps (0: only at the stage end)."""
+    beside: str | None = None
+    """The stage before this one, named to train at the same time, from the same weights, in a process
+    of its own: allowed where this stage trains none of its components and its data reaches none of
+    them (checked as it trains), so that the weights are the ones of training them in turn. On a CPU
+    with two or more threads each stage gets half of them (a small model uses a second thread poorly),
+    and this one's evals run at its end only; elsewhere they run in turn."""
 
     def validate(self, key: str) -> None:
         require(bool(self.data), f"{key}.data", "needs at least one dataset")
@@ -204,6 +210,15 @@ class Recipe:
         names = [s.name for s in self.stages]
         require(bool(names), f"{key}.stages" if key != "config" else "stages", "needs at least one stage")
         require(len(set(names)) == len(names), "stages", f"stage names must be unique, got {names}")
+        for before, stage in zip([None, *self.stages], self.stages):
+            if stage.beside is None:
+                continue
+            key = f"stages.{stage.name}.beside"
+            require(before is not None and stage.beside == before.name, key,
+                    f"must name the stage just before it ({before.name if before else 'none'}), got {stage.beside!r}")
+            both = [c for c in COMPONENTS if stage.mode(c) != "frozen" and before.mode(c) != "frozen"]
+            require(not both, key, f"both stages train {', '.join(both)}: beside each other, "
+                                   "neither would see the other's updates")
 
     def stage_seed(self, stage: StageConfig) -> int:
         """The seed of `stage`'s data order and of the RNG state it starts from: the recipe's seed and
