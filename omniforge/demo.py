@@ -5,7 +5,7 @@ train every stage of `recipes/tiny.yaml` -> after each stage, score
 every modality on the held-out test split -> a report folder (markdown, JSON, plots) with
 PocketSphinx's WER on the same ASR audio beside ours -> two example answers.
 
-    omniforge demo --out runs/demo            # 15-32 minutes on a 2-core CPU, by its speed (BENCHMARKS.md)
+    omniforge demo --out runs/demo            # 13.5-32 minutes on a 2-core CPU, by its speed (BENCHMARKS.md)
     omniforge demo --out runs/demo --quick    # the same path, small world and few steps (1.4-2.5 minutes)
 """
 

@@ -8,7 +8,8 @@ component -> warmup + cosine -> micro-batches (packed or padded) -> loss normali
 labelled tokens of the whole optimizer step (across micro-batches and processes) -> clip ->
 step. Resumable checkpoints (weights, optimizer, scheduler, RNG, data position) are written
 atomically every `checkpoint_every` steps; every stage ends with an exported model folder
-that records what was trained.
+that records what was trained. A stage `beside` the one before trains at the same time, in a
+process of its own, to the weights of running them in turn (`_Beside`).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def train(recipe: Recipe, only_stage: str | None = None, resume: bool = False,
     model.to(dist.device)
     processor = OmniProcessor.from_model(model)
     evaluator = Evaluator(recipe.evals, processor, warn=log.print) if recipe.evals else None
-    cache = SampleCache(int(recipe.train.sample_cache_gb * 2**30)) if recipe.train.sample_cache_gb else None
+    cache = _sample_cache(recipe)
     export, beside = None, None
     try:
         for before, stage, after in zip([None, *stages], stages, [*stages[1:], None]):
@@ -266,6 +267,10 @@ def _prefetch_pays(device: torch.device) -> bool:
     return device.type != "cpu" or cores > torch.get_num_threads()
 
 
+def _sample_cache(recipe: Recipe) -> SampleCache | None:
+    return SampleCache(int(recipe.train.sample_cache_gb * 2**30)) if recipe.train.sample_cache_gb else None
+
+
 def _side_by_side_pays(dist: Distributed) -> bool:
     """Whether a stage `beside` the one before trains at the same time: in one process on a CPU with
     threads to split (under torchrun each process holds a share of the batch already)."""
@@ -328,9 +333,8 @@ def _fit_beside(recipe: Recipe, name: str, before: str, config, weights: dict) -
     lines = [f"(stage {name} trained beside {before}, in a process of its own)"]
     log = _Log(Path(recipe.train.out_dir), True, lines)
     rows, steps, skipped = fit_stage(recipe, stage, model, OmniProcessor.from_model(model), None,
-                                     Distributed.from_environment(), log, None,
-                                     SampleCache(int(recipe.train.sample_cache_gb * 2**30)) if recipe.train.sample_cache_gb
-                                     else None, None, recipe.stage(before))
+                                     Distributed.from_environment(), log, None, _sample_cache(recipe),
+                                     unread=recipe.stage(before))
     trained = {key: value for key, value in model.state_dict().items() if stage.mode(component_of(key)) != "frozen"}
     return trained, rows, steps, skipped, lines
 
