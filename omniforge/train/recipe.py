@@ -213,12 +213,12 @@ class Recipe:
         for before, stage in zip([None, *self.stages], self.stages):
             if stage.beside is None:
                 continue
-            key = f"stages.{stage.name}.beside"
-            require(before is not None and stage.beside == before.name, key,
+            where = f"stages.{stage.name}.beside"
+            require(before is not None and stage.beside == before.name, where,
                     f"must name the stage just before it ({before.name if before else 'none'}), got {stage.beside!r}")
             both = [c for c in COMPONENTS if stage.mode(c) != "frozen" and before.mode(c) != "frozen"]
-            require(not both, key, f"both stages train {', '.join(both)}: beside each other, "
-                                   "neither would see the other's updates")
+            require(not both, where, f"both stages train {', '.join(both)}: beside each other, "
+                                     "neither would see the other's updates")
 
     def stage_seed(self, stage: StageConfig) -> int:
         """The seed of `stage`'s data order and of the RNG state it starts from: the recipe's seed and
