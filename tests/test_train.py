@@ -658,6 +658,15 @@ def test_a_stage_beside_one_whose_components_its_data_reaches_is_refused(tmp_pat
         loop.train(recipe)
 
 
+def test_the_loss_plot_keeps_each_stage_whole_when_two_trained_at_once_or_one_ran_again():
+    from omniforge.train.plots import _segments
+
+    order = [("a", 1), ("a", 2), ("b", 1), ("c", 1), ("b", 2), ("c", 2), ("c", 3), ("b", 1)]  # c beside b; b again
+    segments = _segments([{"stage": stage, "step": step, "loss": 1.0} for stage, step in order])
+    assert [(stage, [r["step"] for r in records]) for stage, records in segments] == [
+        ("a", [1, 2]), ("b", [1, 2]), ("c", [1, 2, 3]), ("b", [1])]
+
+
 def test_a_torn_metrics_line_breaks_neither_the_plot_nor_the_run(tmp_path, monkeypatch):
     from omniforge.train import loop, plots
 

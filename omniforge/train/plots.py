@@ -19,17 +19,14 @@ def plot_losses(metrics: Path, out: Path) -> None:
         return
     figure, axes = plt.subplots(2 if evals else 1, 1, figsize=(9, 6 if evals else 3.5), squeeze=False)
     loss_axis = axes[0][0]
-    x, boundaries, offset, previous = [], [], 0, None
-    stage_start = {}
-    for r in steps:
-        if r["stage"] != previous:
-            if previous is not None:
-                offset = x[-1]
-                boundaries.append((offset, r["stage"]))
-            stage_start[r["stage"]] = offset - (r["step"] - 1)
-            previous = r["stage"]
-        x.append(stage_start[r["stage"]] + r["step"])
-    loss_axis.plot(x, [r["loss"] for r in steps], lw=1)
+    boundaries, stage_start, offset = [], {}, 0
+    for stage, records in _segments(steps):  # one after another, each from where the last one ended
+        if offset:
+            boundaries.append((offset, stage))
+        stage_start[stage] = offset - (records[0]["step"] - 1)
+        x = [stage_start[stage] + r["step"] for r in records]
+        loss_axis.plot(x, [r["loss"] for r in records], lw=1, color="C0")
+        offset = x[-1]
     loss_axis.set_ylabel("loss")
     loss_axis.set_yscale("log")
     first = steps[0]["stage"]
@@ -50,6 +47,20 @@ def plot_losses(metrics: Path, out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)
+
+
+def _segments(steps: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The step records by stage, in the order the stages first appear: a stage trained `beside`
+    another writes its records among that one's. A stage whose steps start again (run again, or
+    resumed from an earlier checkpoint) opens a segment of its own."""
+    segments, current = [], {}
+    for record in steps:
+        records = current.get(record["stage"])
+        if records is None or record["step"] <= records[-1]["step"]:
+            records = current[record["stage"]] = []
+            segments.append((record["stage"], records))
+        records.append(record)
+    return segments
 
 
 def _parsed(line: str) -> dict | None:
